@@ -1,0 +1,60 @@
+"""Command line: ``python -m lora_helpers course|images|tiny`` (also installed as ``lora-course``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lora_helpers", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    course = commands.add_parser("course", help="run the notebooks in order with papermill")
+    course.add_argument("--preset", default="tiny", help="a preset name (default: tiny, offline on CPU)")
+    course.add_argument("--run-dir", default=None, help="where results go (default: runs/PRESET)")
+    course.add_argument("--only", nargs="+", default=None, metavar="NN", help="run only these notebooks, e.g. 04 05")
+    course.add_argument(
+        "-p",
+        "--parameter",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="override a notebook parameter, e.g. -p lora_r=4 (repeatable)",
+    )
+
+    images = commands.add_parser("images", help="redraw the diagrams in images/")
+    images.add_argument("--out", default="images")
+
+    commands.add_parser("tiny", help="build (or find) the tiny model and print its directory")
+    commands.add_parser("presets", help="list the presets")
+
+    args = parser.parse_args(argv)
+    if args.command == "course":
+        from lora_helpers import course as runner
+
+        try:
+            summary = runner.run_course(args.preset, args.run_dir, args.only, runner.parse_parameters(args.parameter))
+        except (runner.NotebookFailed, ValueError, FileNotFoundError) as error:
+            print(f"\nerror: {error}", file=sys.stderr)
+            return 1
+        runner.print_summary(summary)
+    elif args.command == "images":
+        from lora_helpers import plots
+
+        for path in plots.draw_course_images(args.out):
+            print(path)
+    elif args.command == "tiny":
+        from lora_helpers import tiny
+
+        print(tiny.tiny_model_dir())
+    elif args.command == "presets":
+        from lora_helpers import presets
+
+        for name, settings in presets.PRESETS.items():
+            print(f"{name:<20} {settings.model_id:<36} {settings.description}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""The course runner: execute the notebooks in order with papermill and summarise the run.
+
+``python -m lora_helpers course --preset tiny`` (or the ``lora-course`` command)
+runs 01 to 06, writes executed copies to ``run_dir/notebooks/``, stops at the
+first failing notebook naming the cell and the error, and writes
+``run_dir/summary.json``. The README's "Run the course" section explains it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+ARTIFACTS = {
+    "notebooks": "notebooks",
+    "adapter": "adapter",
+    "merged": "merged",
+    "loss_plot": "loss.png",
+    "eval": "eval.json",
+    "training_log": "training_log.json",
+}
+
+
+class NotebookFailed(RuntimeError):
+    """A notebook raised: which one, in which cell, with which error."""
+
+
+def course_notebooks(only: list[str] | None = None) -> list[Path]:
+    """The numbered notebooks in order; ``only=["04", "05"]`` keeps those whose name starts so."""
+    if not NOTEBOOKS_DIR.is_dir():
+        raise FileNotFoundError(
+            f"No notebooks at {NOTEBOOKS_DIR}. Install the course from its repository with `pip install -e .`."
+        )
+    notebooks = sorted(NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb"))
+    if only:
+        notebooks = [nb for nb in notebooks if any(nb.name.startswith(prefix) for prefix in only)]
+        if not notebooks:
+            raise ValueError(f"--only {' '.join(only)} matches no notebook in {NOTEBOOKS_DIR}.")
+    return notebooks
+
+
+def parse_value(text: str):
+    """Read a ``-p name=value`` value as papermill's CLI does: int, float, bool, None, else string."""
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_parameters(pairs: list[str]) -> dict:
+    params = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise ValueError(f"Parameter {pair!r} should look like name=value, e.g. -p lora_r=8.")
+        params[name.strip()] = parse_value(value.strip())
+    return params
+
+
+def notebook_parameters(path: Path) -> set[str]:
+    import papermill
+
+    return set(papermill.inspect_notebook(str(path)))
+
+
+def run_course(
+    preset: str = "tiny",
+    run_dir: str | Path | None = None,
+    only: list[str] | None = None,
+    params: dict | None = None,
+    echo=print,
+) -> dict:
+    """Run the notebooks in order; return (and write) the summary. Raises ``NotebookFailed`` on the first failure."""
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    from lora_helpers import presets
+
+    presets.get_preset(preset)  # unknown presets fail here, before any notebook starts
+    run_dir = Path(run_dir or f"runs/{preset}").expanduser().resolve()
+    params = dict(params or {})
+    for reserved in ("preset", "run_dir"):
+        if reserved in params:
+            raise ValueError(f"Pass {reserved} with --{reserved.replace('_', '-')}, not with -p.")
+    notebooks = course_notebooks(only)
+    declared = {nb: notebook_parameters(nb) for nb in notebooks}
+    unknown = set(params) - set().union(*declared.values())
+    if unknown:
+        known = sorted(set().union(*declared.values()))
+        raise ValueError(f"No notebook declares the parameter(s) {sorted(unknown)}. Declared: {', '.join(known)}.")
+    if preset == "tiny":
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tiny preset never needs the network
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    out_dir = run_dir / "notebooks"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = {"preset": preset, "run_dir": str(run_dir), "parameters": params, "status": "running", "notebooks": []}
+    total_start = time.time()
+    for index, notebook in enumerate(notebooks, 1):
+        given = {"preset": preset, "run_dir": str(run_dir), **params}
+        given = {k: v for k, v in given.items() if k in declared[notebook]}
+        echo(f"[{index}/{len(notebooks)}] {notebook.name} ...", end=" ", flush=True)
+        start = time.time()
+        try:
+            papermill.execute_notebook(
+                str(notebook),
+                str(out_dir / notebook.name),
+                parameters=given,
+                kernel_name="python3",
+                cwd=str(NOTEBOOKS_DIR),
+                progress_bar=False,
+                log_output=False,
+            )
+        except PapermillExecutionError as error:
+            seconds = round(time.time() - start, 1)
+            summary["notebooks"].append({"name": notebook.name, "seconds": seconds, "status": "failed"})
+            summary["status"] = "failed"
+            summary["error"] = {
+                "notebook": notebook.name,
+                "cell": error.exec_count,
+                "type": error.ename,
+                "message": error.evalue,
+            }
+            write_summary(run_dir, summary, time.time() - total_start)
+            echo(f"FAILED after {seconds} s")
+            raise NotebookFailed(
+                f"{notebook.name} failed in cell [{error.exec_count}]: {error.ename}: {error.evalue}\n"
+                f"The executed notebook, with the traceback, is {out_dir / notebook.name}."
+            ) from None
+        seconds = round(time.time() - start, 1)
+        summary["notebooks"].append({"name": notebook.name, "seconds": seconds, "status": "ok"})
+        echo(f"ok ({seconds} s)")
+    summary["status"] = "ok"
+    return write_summary(run_dir, summary, time.time() - total_start)
+
+
+def write_summary(run_dir: Path, summary: dict, seconds: float) -> dict:
+    """Add results and artifact paths from ``run_dir`` to the summary and write ``summary.json``."""
+    summary["total_seconds"] = round(seconds, 1)
+    log = _read_json(run_dir / ARTIFACTS["training_log"])
+    if log:
+        summary["final_train_loss"] = log.get("final_train_loss")
+        summary["final_eval_loss"] = log.get("final_eval_loss")
+    evaluation = _read_json(run_dir / ARTIFACTS["eval"])
+    if evaluation:
+        summary["exact_match"] = {k: evaluation.get(k) for k in ("base", "fine_tuned", "merged")}
+    summary["artifacts"] = {k: str(run_dir / v) for k, v in ARTIFACTS.items() if (run_dir / v).exists()}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def print_summary(summary: dict, stream=sys.stdout) -> None:
+    print(f"\nCourse run: {summary['status']} in {summary['total_seconds']} s  ({summary['run_dir']})", file=stream)
+    for nb in summary["notebooks"]:
+        print(f"  {nb['name']:<28} {nb['seconds']:>7} s  {nb['status']}", file=stream)
+    for key in ("final_train_loss", "final_eval_loss", "exact_match"):
+        if summary.get(key) is not None:
+            print(f"  {key}: {summary[key]}", file=stream)
+    for key, path in summary.get("artifacts", {}).items():
+        print(f"  {key:<13} {path}", file=stream)

@@ -1,0 +1,95 @@
+"""LoRA targets and parameter counts, found from the model itself.
+
+Taught in notebook 03. A LoRA adapter on a linear layer ``W`` (``d_out x d_in``)
+adds ``B`` (``d_out x r``) and ``A`` (``r x d_in``), so it trains exactly
+``r * (d_in + d_out)`` parameters per adapted layer.
+"""
+
+from __future__ import annotations
+
+# Layers LoRA should never adapt by default: the output head (vocabulary-sized, and tied
+# to the embeddings in many models).
+EXCLUDED = ("lm_head", "embed_out", "output_layer")
+
+
+def linear_layers(model) -> dict[str, object]:
+    """Every linear layer of the model by its full name: ``nn.Linear`` and bitsandbytes' 4/8-bit kinds."""
+    import torch
+
+    found = {}
+    for name, module in model.named_modules():
+        if not name or name.split(".")[-1] in EXCLUDED:
+            continue
+        is_linear = isinstance(module, torch.nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt")
+        # A peft-wrapped layer holds its original as `.base_layer`: count the wrapper, not the inner one.
+        if is_linear and not name.endswith(".base_layer") and ".lora_" not in name:
+            found[name] = module
+    return found
+
+
+def linear_layer_names(model) -> list[str]:
+    """The distinct short names of the linear layers (``q_proj``, ``up_proj``, ...), in model order."""
+    names = []
+    for full_name in linear_layers(model):
+        short = full_name.split(".")[-1]
+        if short not in names:
+            names.append(short)
+    return names
+
+
+def resolve_target_modules(model, target_modules: str | list[str]) -> list[str]:
+    """Turn ``"all-linear"`` or ``"q_proj,v_proj"`` into a checked list of layer names for ``LoraConfig``."""
+    available = linear_layer_names(model)
+    if isinstance(target_modules, str):
+        if target_modules.strip() == "all-linear":
+            return available
+        target_modules = [t.strip() for t in target_modules.split(",") if t.strip()]
+    missing = [t for t in target_modules if t not in available]
+    if missing:
+        raise ValueError(
+            f"target_modules {missing} match no linear layer of this model. Its linear layers are: "
+            f"{', '.join(available)} (or use 'all-linear')."
+        )
+    return list(target_modules)
+
+
+def lora_parameter_count(model, r: int, target_modules: list[str]) -> int:
+    """Closed form: sum of ``r * (d_in + d_out)`` over the layers whose short name is targeted."""
+    total = 0
+    for full_name, module in linear_layers(model).items():
+        if full_name.split(".")[-1] in target_modules:
+            total += r * (module.in_features + module.out_features)
+    return total
+
+
+def base_parameter_count(model) -> int:
+    """Parameters of the base model, counting each 4-bit weight as its unpacked number of values."""
+    total = 0
+    for _, parameter in model.named_parameters():
+        shape = getattr(parameter, "quant_state", None)
+        total += shape.shape.numel() if shape is not None else parameter.numel()
+    return total
+
+
+def trainable_parameter_table(model, ranks: list[int], target_choices: dict[str, list[str]]) -> list[dict]:
+    """Rows of (targets, rank, trainable parameters, share of the base model) for notebook 03's table."""
+    base = base_parameter_count(model)
+    rows = []
+    for label, targets in target_choices.items():
+        for r in ranks:
+            count = lora_parameter_count(model, r, targets)
+            rows.append({"targets": label, "r": r, "trainable": count, "share_%": round(100 * count / base, 4)})
+    return rows
+
+
+def standard_target_choices(model) -> dict[str, list[str]]:
+    """The three usual choices (seeds 000, 001 and 002), as far as this model has the layers."""
+    names = linear_layer_names(model)
+    choices = {}
+    if {"q_proj", "v_proj"} <= set(names):
+        choices["q,v (seed 000, 003)"] = ["q_proj", "v_proj"]
+    attention = [n for n in ("q_proj", "k_proj", "v_proj", "o_proj") if n in names]
+    if len(attention) == 4:
+        choices["attention q,k,v,o (seed 001)"] = attention
+    choices["all linear (seed 002)"] = names
+    return choices

@@ -1,0 +1,95 @@
+"""Loading models and tokenizers, for every notebook.
+
+Taught in notebook 02 (quantized load) and notebook 05 (unquantized reload).
+The calls are written out in notebook 02; later notebooks load through these
+functions so that every notebook loads the same way.
+"""
+
+from __future__ import annotations
+
+import os
+
+from lora_helpers import data, presets, tiny
+
+
+def resolve_model_path(model_id: str) -> str:
+    """``"tiny"`` becomes the tiny model's directory (built on first use); anything else is left alone."""
+    if model_id == presets.TINY_MODEL_ID:
+        return str(tiny.tiny_model_dir())
+    return model_id
+
+
+def hub_token() -> str | None:
+    """The Hugging Face token from the environment (HF_TOKEN), if any. Never print it."""
+    return os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN") or None
+
+
+def explain_load_error(model_id: str, error: Exception) -> Exception:
+    """Turn the hub's errors into ones that say what to do."""
+    text = f"{type(error).__name__}: {error}"
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    if "gated" in text.lower() or "401" in text or "403" in text:
+        return PermissionError(
+            f"{model_id} is a gated model. Accept its licence on its Hugging Face page, create a read token "
+            "at huggingface.co/settings/tokens, and put it in the HF_TOKEN environment variable (on Colab: "
+            "the key icon, a secret named HF_TOKEN). Never pass the token as a notebook parameter."
+        )
+    if offline or "offline" in text.lower() or "connect" in text.lower() or "resolve" in text.lower():
+        return OSError(
+            f"Cannot load {model_id!r}: the Hugging Face Hub is not reachable (HF_HUB_OFFLINE={offline}). "
+            "Point model_id at a local model directory, or use preset='tiny', which needs no network."
+        )
+    return error
+
+
+def load_tokenizer(model_id: str):
+    """The tokenizer, with a pad token that is not EOS (see ``data.choose_pad_token``)."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(model_id)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, token=hub_token())
+    except Exception as error:
+        raise explain_load_error(model_id, error) from error
+    data.choose_pad_token(tokenizer)
+    return tokenizer
+
+
+def bnb_4bit_config():
+    """NF4 with double quantization, computing in the device's dtype (notebook 02 writes this out)."""
+    from transformers import BitsAndBytesConfig
+
+    from lora_helpers import device
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=device.compute_dtype(),
+    )
+
+
+def load_model(model_id: str, load_in_4bit: bool, dtype=None, device_map=None):
+    """A causal LM, in 4-bit NF4 (QLoRA) or unquantized in ``dtype`` (default: the device's compute dtype).
+
+    On a GPU the whole model goes to GPU 0 unless ``device_map`` says otherwise
+    (notebook 05 passes "auto" so a 16-bit 7B model may spill to CPU memory on a T4).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lora_helpers import device
+
+    dtype = dtype or device.compute_dtype()
+    kwargs = {"dtype": dtype, "token": hub_token()}
+    if load_in_4bit:
+        works, message = device.check_4bit()
+        if not works:
+            raise RuntimeError(message)
+        kwargs["quantization_config"] = bnb_4bit_config()
+    if torch.cuda.is_available():
+        kwargs["device_map"] = device_map or {"": 0}
+    try:
+        return AutoModelForCausalLM.from_pretrained(resolve_model_path(model_id), **kwargs)
+    except Exception as error:
+        raise explain_load_error(model_id, error) from error

@@ -1,0 +1,148 @@
+"""Plotting helpers (matplotlib), kept out of the notebooks so the lessons show the fine-tuning code.
+
+Used by notebook 02 (memory bars), notebook 04 (loss curves) and ``python -m
+lora_helpers images``, which redraws the diagrams in ``images/``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _pyplot():
+    import matplotlib
+
+    if matplotlib.get_backend().lower() in ("agg", "") or not _in_notebook():
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _in_notebook() -> bool:
+    try:
+        from IPython import get_ipython
+
+        return get_ipython() is not None
+    except ImportError:
+        return False
+
+
+def loss_curves(log_history: list[dict]) -> dict[str, list[tuple[float, float]]]:
+    """(step, value) pairs of training loss and eval loss from ``trainer.state.log_history``."""
+    curves = {"train": [], "eval": []}
+    for entry in log_history:
+        if "loss" in entry:
+            curves["train"].append((entry["step"], entry["loss"]))
+        if "eval_loss" in entry:
+            curves["eval"].append((entry["step"], entry["eval_loss"]))
+    return curves
+
+
+def plot_loss(log_history: list[dict], path: str | Path | None = None):
+    """Training and evaluation loss against optimizer steps; saved to ``path`` when given."""
+    plt = _pyplot()
+    curves = loss_curves(log_history)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for label, style in (("train", "-"), ("eval", "o--")):
+        if curves[label]:
+            steps, values = zip(*curves[label])
+            ax.plot(steps, values, style, label=f"{label} loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy loss")
+    ax.set_title("Loss during fine-tuning")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig
+
+
+def plot_memory(sizes_gb: dict[str, float], title: str, limit_gb: float | None = None):
+    """Bar chart of model weight memory per precision, with an optional line at the GPU's size."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    bars = ax.bar(list(sizes_gb), list(sizes_gb.values()), color=["#9aa5b1", "#5b8def", "#2e7d32"][: len(sizes_gb)])
+    ax.bar_label(bars, fmt="%.2f GB")
+    if limit_gb:
+        ax.axhline(limit_gb, color="crimson", linestyle="--", label=f"{limit_gb:g} GB GPU")
+        ax.legend()
+    ax.set_ylabel("weights (GB)")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def draw_lora_diagram(path: str | Path):
+    """Seed 000's LoRA diagram: frozen W beside trainable A (r x d) and B (d x r); h = Wx + (alpha/r)·BAx."""
+    from matplotlib.patches import FancyArrowPatch, Rectangle
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ax.set_xlim(0, 10)
+    ax.set_ylim(0, 7)
+    ax.axis("off")
+    ax.add_patch(Rectangle((1.0, 2.0), 3.2, 3.2, color="#9aa5b1"))
+    ax.text(2.6, 3.6, "W\n(d × k)\nfrozen", ha="center", va="center", fontsize=12)
+    ax.add_patch(Rectangle((5.6, 2.0), 2.4, 0.8, color="#f4a259"))
+    ax.text(6.8, 2.4, "A (r × k), trainable, random init", ha="center", va="center", fontsize=8)
+    ax.add_patch(Rectangle((6.4, 3.4), 0.8, 1.8, color="#5b8def"))
+    ax.text(6.8, 4.3, "B\n(d × r)\n= 0", ha="center", va="center", fontsize=8, color="white")
+    for start, end in (
+        ((2.6, 0.8), (2.6, 2.0)),
+        ((6.8, 0.8), (6.8, 2.0)),
+        ((6.8, 2.8), (6.8, 3.4)),
+        ((2.6, 5.2), (4.4, 6.2)),
+        ((6.8, 5.2), (5.0, 6.2)),
+    ):
+        ax.add_patch(FancyArrowPatch(start, end, arrowstyle="-|>", mutation_scale=14, color="black"))
+    ax.text(4.7, 0.5, "x  (input, k)", ha="center", fontsize=11)
+    ax.plot([2.6, 6.8], [0.8, 0.8], color="black")
+    ax.text(4.7, 6.45, "h = Wx + (α / r) · B A x", ha="center", fontsize=12, weight="bold")
+    ax.text(8.3, 3.6, "r ≪ d, k\nonly A and B\nare trained", fontsize=9, va="center")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    return fig
+
+
+def draw_peft_comparison(path: str | Path):
+    """Seed 003's comparison: pretraining, full fine-tuning and PEFT, by what is trained and what it costs."""
+    from matplotlib.patches import Rectangle
+
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(10, 3.6))
+    panels = [
+        ("Pretraining", "all weights trained\nfrom random init\non trillions of tokens", "#c0392b", 0.0),
+        ("Full fine-tuning", "all weights updated\n~16 bytes per parameter\n(weights, grads, Adam)", "#e67e22", 0.0),
+        (
+            "PEFT (LoRA / QLoRA)",
+            "base frozen (4-bit in QLoRA)\nsmall adapters trained\n<1% of parameters",
+            "#9aa5b1",
+            0.22,
+        ),
+    ]
+    for ax, (title, caption, colour, adapter) in zip(axes, panels):
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.axis("off")
+        ax.set_title(title, fontsize=11, weight="bold")
+        for i in range(4):
+            ax.add_patch(Rectangle((0.15, 0.35 + i * 0.15), 0.5, 0.12, color=colour))
+            if adapter:
+                ax.add_patch(Rectangle((0.7, 0.35 + i * 0.15), 0.12, 0.12, color="#2e7d32"))
+        ax.text(0.5, 0.12, caption, ha="center", va="center", fontsize=8.5)
+    axes[2].text(0.76, 0.97, "adapters", ha="center", fontsize=8, color="#2e7d32")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    return fig
+
+
+def draw_course_images(images_dir: str | Path = "images") -> list[Path]:
+    """Redraw the diagrams the notebooks and the README show."""
+    images_dir = Path(images_dir)
+    images_dir.mkdir(parents=True, exist_ok=True)
+    paths = [images_dir / "lora_diagram.png", images_dir / "peft_comparison.png"]
+    draw_lora_diagram(paths[0])
+    draw_peft_comparison(paths[1])
+    return paths

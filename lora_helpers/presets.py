@@ -1,0 +1,292 @@
+"""Named recipes: model, dataset, LoRA and training settings, after the course's source documents.
+
+Taught in notebook 01 (section "Presets"). Every notebook starts from a preset
+and lets its parameters override single values: ``resolve_settings("tiny",
+lora_r=4)``. The GPU presets are sized for a 15 GB Colab T4 (fp16 compute,
+gradient checkpointing, small batches with gradient accumulation).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+TINY_MODEL_ID = "tiny"  # stands for the model lora_helpers.tiny builds offline
+LLAMA_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+LLAMA_ALL_LINEAR = (*LLAMA_ATTENTION, "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything one run needs to know. Field names equal the notebooks' parameter names."""
+
+    preset: str
+    description: str
+    model_id: str  # a hub id, a local model directory, or "tiny"
+    dataset: str  # a hub id, a local .jsonl/.json/.csv/.parquet file, or "package:NAME"
+    chat_format: str  # "llama2": <s>[INST] ... [/INST] ... </s>; "template": the tokenizer's chat template
+    system_prompt: str
+    load_in_4bit: bool  # QLoRA: NF4 weights with double quantization
+    lora_r: int
+    lora_alpha: int
+    lora_dropout: float
+    target_modules: str  # comma-separated layer names, or "all-linear"
+    num_train_epochs: float
+    per_device_train_batch_size: int
+    gradient_accumulation_steps: int
+    learning_rate: float
+    lr_scheduler_type: str
+    warmup_ratio: float
+    max_length: int  # tokens per example; longer ones are truncated
+    max_examples: int  # 0 = the whole dataset
+    eval_fraction: float  # share of examples held out for evaluation
+    optim: str  # on CPU, paged optimizers fall back to "adamw_torch" (notebook 04)
+    gradient_checkpointing: bool
+    logging_steps: int
+    max_new_tokens: int  # for generation in notebooks 02 and 06
+    seed: int
+    seed_doc: str  # which source document the recipe follows
+
+
+PRESETS: dict[str, Settings] = {
+    "tiny": Settings(
+        preset="tiny",
+        description="A tiny random-weight Llama built offline; trains in seconds on a CPU. For CI and a first look.",
+        model_id=TINY_MODEL_ID,
+        dataset="package:about_me.jsonl",
+        chat_format="llama2",
+        system_prompt="",
+        load_in_4bit=True,
+        lora_r=16,
+        lora_alpha=32,
+        lora_dropout=0.0,
+        target_modules="all-linear",
+        num_train_epochs=30,
+        per_device_train_batch_size=8,
+        gradient_accumulation_steps=1,
+        learning_rate=2e-3,
+        lr_scheduler_type="constant",
+        warmup_ratio=0.0,
+        max_length=128,
+        max_examples=0,
+        eval_fraction=0.1,
+        optim="adamw_torch",
+        gradient_checkpointing=False,
+        logging_steps=5,
+        max_new_tokens=32,
+        seed=0,
+        seed_doc="000 (about-me data), scaled down",
+    ),
+    "llama2-7b-about-me": Settings(
+        preset="llama2-7b-about-me",
+        description="Llama-2-7B chat learns a persona from 48 question-answer pairs (seed 000's recipe).",
+        model_id="NousResearch/Llama-2-7b-chat-hf",  # ungated mirror of meta-llama/Llama-2-7b-chat-hf
+        dataset="package:about_me.jsonl",
+        chat_format="llama2",
+        system_prompt="",
+        load_in_4bit=True,
+        lora_r=8,
+        lora_alpha=32,
+        lora_dropout=0.05,
+        target_modules="q_proj,v_proj",
+        num_train_epochs=20,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=4,
+        learning_rate=2e-4,
+        lr_scheduler_type="cosine",
+        warmup_ratio=0.03,
+        max_length=256,
+        max_examples=0,
+        eval_fraction=0.1,
+        optim="paged_adamw_32bit",
+        gradient_checkpointing=True,
+        logging_steps=10,
+        max_new_tokens=64,
+        seed=0,
+        seed_doc="000",
+    ),
+    "llama2-7b-guanaco": Settings(
+        preset="llama2-7b-guanaco",
+        description="QLoRA of Llama-2-7B chat on guanaco-llama2-1k, 1 epoch (seed 003's recipe).",
+        model_id="NousResearch/Llama-2-7b-chat-hf",
+        dataset="mlabonne/guanaco-llama2-1k",
+        chat_format="llama2",
+        system_prompt="",
+        load_in_4bit=True,
+        lora_r=64,
+        lora_alpha=16,
+        lora_dropout=0.1,
+        target_modules="q_proj,v_proj",  # peft's default for Llama, which seed 003 relies on
+        num_train_epochs=1,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=4,
+        learning_rate=2e-4,
+        lr_scheduler_type="cosine",
+        warmup_ratio=0.03,
+        max_length=512,
+        max_examples=0,
+        eval_fraction=0.05,
+        optim="paged_adamw_32bit",
+        gradient_checkpointing=True,
+        logging_steps=10,
+        max_new_tokens=128,
+        seed=0,
+        seed_doc="003",
+    ),
+    "llama3.2-3b": Settings(
+        preset="llama3.2-3b",
+        description="QLoRA of Llama-3.2-3B Instruct on all seven projections (seed 002's recipe). Gated: needs a token.",
+        model_id="meta-llama/Llama-3.2-3B-Instruct",
+        dataset="package:about_me.jsonl",
+        chat_format="template",
+        system_prompt="",
+        load_in_4bit=True,
+        lora_r=16,
+        lora_alpha=32,
+        lora_dropout=0.05,
+        target_modules=",".join(LLAMA_ALL_LINEAR),
+        num_train_epochs=10,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        learning_rate=2e-4,
+        lr_scheduler_type="cosine",
+        warmup_ratio=0.03,
+        max_length=256,
+        max_examples=0,
+        eval_fraction=0.1,
+        optim="paged_adamw_32bit",
+        gradient_checkpointing=True,
+        logging_steps=10,
+        max_new_tokens=64,
+        seed=0,
+        seed_doc="002",
+    ),
+    "llama3.1-8b": Settings(
+        preset="llama3.1-8b",
+        description="QLoRA of Llama-3.1-8B Instruct on q,k,v,o (seed 001's recipe). Gated: needs a token.",
+        model_id="meta-llama/Llama-3.1-8B-Instruct",
+        dataset="HuggingFaceH4/no_robots",
+        chat_format="template",
+        system_prompt="",
+        load_in_4bit=True,
+        lora_r=16,
+        lora_alpha=16,
+        lora_dropout=0.05,
+        target_modules=",".join(LLAMA_ATTENTION),
+        num_train_epochs=1,
+        per_device_train_batch_size=1,
+        gradient_accumulation_steps=8,
+        learning_rate=2e-4,
+        lr_scheduler_type="cosine",
+        warmup_ratio=0.03,
+        max_length=512,
+        max_examples=1000,
+        eval_fraction=0.05,
+        optim="paged_adamw_32bit",
+        gradient_checkpointing=True,
+        logging_steps=10,
+        max_new_tokens=128,
+        seed=0,
+        seed_doc="001",
+    ),
+}
+
+SETTING_NAMES = [f.name for f in dataclasses.fields(Settings) if f.name not in ("preset", "description", "seed_doc")]
+
+
+def get_preset(name: str) -> Settings:
+    if name not in PRESETS:
+        raise ValueError(f"Unknown preset {name!r}. The presets are: {', '.join(PRESETS)}.")
+    return PRESETS[name]
+
+
+def _coerce(name: str, value, expected: type):
+    """Accept what papermill and the command line pass (strings for numbers) and nothing else."""
+    if expected is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+            return value.lower() in ("true", "1")
+    elif expected is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif expected is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif expected is str and isinstance(value, str):
+        return value
+    raise TypeError(
+        f"Parameter {name}={value!r} should be of type {expected.__name__}, e.g. -p {name} <{expected.__name__}>."
+    )
+
+
+def resolve_settings(preset: str, **overrides) -> Settings:
+    """The preset's settings with every override that is not None applied, type-checked and range-checked."""
+    base = get_preset(preset)
+    types = {f.name: f.type for f in dataclasses.fields(Settings)}
+    changes = {}
+    for name, value in overrides.items():
+        if value is None:
+            continue
+        if name not in types:
+            raise ValueError(f"Unknown setting {name!r}. Known settings: {', '.join(SETTING_NAMES)}.")
+        changes[name] = _coerce(name, value, {"int": int, "float": float, "str": str, "bool": bool}[types[name]])
+    settings = dataclasses.replace(base, **changes)
+    check_settings(settings)
+    return settings
+
+
+def check_settings(s: Settings) -> None:
+    """Fail before any long work on values that cannot train."""
+    problems = []
+    if s.lora_r <= 0:
+        problems.append(f"lora_r={s.lora_r}: the rank must be a positive integer (typical: 8, 16, 64).")
+    if s.lora_alpha <= 0:
+        problems.append(f"lora_alpha={s.lora_alpha}: alpha must be positive (typical: r or 2*r).")
+    if not 0 <= s.lora_dropout < 1:
+        problems.append(f"lora_dropout={s.lora_dropout}: dropout must be in [0, 1).")
+    if s.chat_format not in ("llama2", "template"):
+        problems.append(f"chat_format={s.chat_format!r}: use 'llama2' or 'template'.")
+    if not 0 <= s.eval_fraction < 1:
+        problems.append(f"eval_fraction={s.eval_fraction}: must be in [0, 1).")
+    for name in (
+        "num_train_epochs",
+        "per_device_train_batch_size",
+        "gradient_accumulation_steps",
+        "learning_rate",
+        "max_length",
+        "max_new_tokens",
+    ):
+        if getattr(s, name) <= 0:
+            problems.append(f"{name}={getattr(s, name)}: must be positive.")
+    if not s.target_modules.strip():
+        problems.append("target_modules is empty: name layers (e.g. 'q_proj,v_proj') or use 'all-linear'.")
+    if problems:
+        raise ValueError("Invalid settings:\n  " + "\n  ".join(problems))
+
+
+def load_run_settings(run_dir) -> Settings:
+    """The settings notebook 04 trained with, read back from ``run_dir/run_config.json`` (notebooks 05, 06)."""
+    import json
+    from pathlib import Path
+
+    path = Path(run_dir) / "run_config.json"
+    if not path.exists():
+        raise FileNotFoundError(
+            f"No {path.name} in {run_dir}: run notebook 04 (training) with this run_dir first, "
+            "or point run_dir at the folder of an earlier run."
+        )
+    saved = json.loads(path.read_text())
+    return resolve_settings(saved["preset"], **{k: saved[k] for k in SETTING_NAMES if k in saved})
