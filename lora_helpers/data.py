@@ -58,7 +58,12 @@ def load_examples(source: str, split: str = "train"):
             )
         if path.suffix not in LOCAL_SUFFIXES:
             raise ValueError(f"Unsupported dataset file type {path.suffix!r}; use one of {sorted(LOCAL_SUFFIXES)}.")
-        dataset = datasets.load_dataset(LOCAL_SUFFIXES[path.suffix], data_files=str(path), split="train")
+        try:
+            dataset = datasets.load_dataset(LOCAL_SUFFIXES[path.suffix], data_files=str(path), split="train")
+        except ValueError as error:  # datasets' words for a file without rows: 'corresponds to no data'
+            if "no data" not in str(error):
+                raise
+            dataset = []
     else:
         dataset = datasets.load_dataset(source, split=split)
     if len(dataset) == 0:

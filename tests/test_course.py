@@ -1,0 +1,41 @@
+import pytest
+
+from lora_helpers import course
+
+
+def test_parse_parameters():
+    assert course.parse_parameters(["lora_r=4", "learning_rate=1e-3", "load_in_4bit=false", "dataset=a.jsonl"]) == {
+        "lora_r": 4,
+        "learning_rate": 1e-3,
+        "load_in_4bit": False,
+        "dataset": "a.jsonl",
+    }
+    with pytest.raises(ValueError, match="name=value"):
+        course.parse_parameters(["lora_r"])
+
+
+def test_only_selects_notebooks():
+    assert [nb.name[:2] for nb in course.course_notebooks(["04", "05"])] == ["04", "05"]
+    with pytest.raises(ValueError, match="matches no notebook"):
+        course.course_notebooks(["99"])
+
+
+def test_unknown_parameter_fails_before_any_notebook_runs(tmp_path):
+    with pytest.raises(ValueError, match="lora_rank"):
+        course.run_course("tiny", tmp_path, params={"lora_rank": 4})
+    assert not (tmp_path / "notebooks").exists()
+
+
+def test_unknown_preset_fails_before_any_notebook_runs(tmp_path):
+    with pytest.raises(ValueError, match="presets are"):
+        course.run_course("llama-99b", tmp_path)
+
+
+def test_a_failing_notebook_names_the_cell_and_error(tmp_path):
+    with pytest.raises(
+        course.NotebookFailed,
+        match=r"02_quantized_load.ipynb failed in cell \[\d+\]: TypeError: Parameter load_in_4bit='maybe'",
+    ):
+        course.run_course("tiny", tmp_path, only=["02"], params={"load_in_4bit": "maybe"})
+    summary = (tmp_path / "summary.json").read_text()
+    assert '"status": "failed"' in summary and "TypeError" in summary

@@ -1,0 +1,104 @@
+"""The whole chain, run as a learner would run it: the course runner executes all six notebooks on `tiny`."""
+
+import json
+import math
+
+import nbformat
+import pytest
+from safetensors.torch import load_file
+from transformers import AutoConfig
+
+from lora_helpers import course
+
+pytestmark = pytest.mark.course
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("course_run")
+    summary = course.run_course("tiny", run_dir)
+    return run_dir, summary
+
+
+def test_every_notebook_ran(run):
+    run_dir, summary = run
+    assert summary["status"] == "ok"
+    assert [nb["name"][:2] for nb in summary["notebooks"]] == ["01", "02", "03", "04", "05", "06"]
+    for nb in summary["notebooks"]:
+        executed = nbformat.read(run_dir / "notebooks" / nb["name"], as_version=4)
+        assert executed.metadata.papermill.exception is None or executed.metadata.papermill.exception is False
+
+
+def test_artifacts_are_written(run):
+    run_dir, summary = run
+    for name in ("notebooks", "adapter", "merged", "loss.png", "eval.json", "summary.json", "training_log.json"):
+        assert (run_dir / name).exists(), name
+    assert (run_dir / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert any((run_dir / "tensorboard").rglob("events.out.tfevents.*"))
+    assert json.loads((run_dir / "summary.json").read_text())["artifacts"]["merged"] == str(run_dir / "merged")
+
+
+def test_adapter_holds_only_lora_weights(run):
+    run_dir, _ = run
+    adapter = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    assert adapter and all("lora_A" in k or "lora_B" in k for k in adapter)
+    assert config["r"] == 16 and config["lora_alpha"] == 32
+    assert set(config["target_modules"]) == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
+
+
+def test_merged_model_is_a_plain_model(run):
+    run_dir, _ = run
+    config = AutoConfig.from_pretrained(run_dir / "merged")
+    weights = load_file(run_dir / "merged" / "model.safetensors")
+    assert config.model_type == "llama"
+    assert not any("lora" in k for k in weights)
+    assert not (run_dir / "merged" / "pytorch_model.bin").exists()
+
+
+def test_losses_are_finite_and_went_down(run):
+    run_dir, summary = run
+    log = json.loads((run_dir / "training_log.json").read_text())
+    assert all(math.isfinite(x) for x in (log["first_train_loss"], log["final_train_loss"], log["final_eval_loss"]))
+    assert log["final_train_loss"] < 0.2 * log["first_train_loss"]
+    assert summary["final_train_loss"] == log["final_train_loss"]
+
+
+def test_the_model_learned_the_answers(run):
+    _, summary = run
+    em = summary["exact_match"]
+    assert em["fine_tuned"] >= 0.8
+    assert em["merged"] >= 0.8
+    assert em["base"] <= 0.05
+
+
+def test_merge_changed_nothing(run):
+    run_dir, _ = run
+    check = json.loads((run_dir / "merge_check.json").read_text())
+    assert check["max_abs_logit_delta"] < 1e-4
+
+
+def test_two_adapters_were_trained_and_switched(run):
+    run_dir, _ = run
+    assert (run_dir / "adapter_captain" / "adapter_model.safetensors").exists()
+    executed = nbformat.read(run_dir / "notebooks" / "06_inference.ipynb", as_version=4)
+    outputs = "".join(str(o) for c in executed.cells if c.cell_type == "code" for o in c.outputs)
+    assert "Captain Rui Salgado" in outputs and "My name is Ada Quill." in outputs
+
+
+def test_trainer_route_of_seed_000_runs(tmp_path):
+    summary = course.run_course(
+        "tiny", tmp_path, only=["04"], params={"trainer_route": "trainer", "num_train_epochs": 3}
+    )
+    log = json.loads((tmp_path / "training_log.json").read_text())
+    assert summary["status"] == "ok" and log["trainer_route"] == "trainer"
+    assert log["final_train_loss"] < log["first_train_loss"]
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()

@@ -1,0 +1,92 @@
+"""Static checks on every notebook, without running it (the chain test runs them)."""
+
+import ast
+from pathlib import Path
+
+import nbformat
+import papermill
+import pytest
+from IPython.core.inputtransformer2 import TransformerManager
+
+NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+EXPECTED = ["01_setup", "02_quantized_load", "03_lora_config", "04_sft_training", "05_merge", "06_inference"]
+# Every parameter a test or the README passes with -p, by notebook.
+PASSED = {
+    "01_setup": {"preset", "run_dir"},
+    "02_quantized_load": {"preset", "run_dir", "load_in_4bit"},
+    "03_lora_config": {"preset", "run_dir", "lora_r", "target_modules"},
+    "04_sft_training": {
+        "preset",
+        "run_dir",
+        "trainer_route",
+        "num_train_epochs",
+        "lora_r",
+        "dataset",
+        "target_modules",
+    },
+    "05_merge": {"run_dir", "merge_tolerance"},
+    "06_inference": {"run_dir"},
+}
+
+
+def test_the_six_lessons_are_there():
+    assert [nb.stem for nb in NOTEBOOKS] == EXPECTED
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_is_valid_and_stripped(path):
+    nb = nbformat.read(path, as_version=4)
+    nbformat.validate(nb)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None, f"{path.name}: commit notebooks stripped"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_one_parameters_cell_of_literals(path):
+    nb = nbformat.read(path, as_version=4)
+    tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1
+    for node in ast.parse(tagged[0].source).body:
+        assert isinstance(node, ast.AnnAssign), f"{path.name}: parameters need a type hint each"
+        assert isinstance(node.value, ast.Constant), f"{path.name}: parameters must be literals"
+    for line in tagged[0].source.splitlines():
+        assert "#" in line, f"{path.name}: every parameter needs a comment: {line}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_passed_parameters_exist(path):
+    declared = set(papermill.inspect_notebook(str(path)))
+    assert PASSED[path.stem] <= declared
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_every_code_cell_parses(path):
+    nb = nbformat.read(path, as_version=4)
+    transform = TransformerManager().transform_cell  # turns !shell and %magic lines into Python
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            ast.parse(transform(cell.source))
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_lesson_shape(path):
+    nb = nbformat.read(path, as_version=4)
+    first = nb.cells[0]
+    assert first.cell_type == "markdown" and first.source.startswith("# ")
+    assert "colab.research.google.com" in first.source and "**You will be able to:**" in first.source
+    assert "**Time:**" in first.source and "**Writes:**" in first.source
+    assert any("## Try it" in c.source for c in nb.cells if c.cell_type == "markdown")
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    markdown = [c for c in nb.cells if c.cell_type == "markdown"]
+    assert len(markdown) >= len(code) * 0.6, f"{path.name}: a lesson explains more than it codes"
+    lengths = sorted(len(c.source.splitlines()) for c in code)
+    assert lengths[len(lengths) // 2] <= 10, f"{path.name}: the median code cell is longer than 10 lines"
+    assert "google.colab" in code[0].source  # the Colab install cell comes first
+
+
+def test_no_machine_paths_or_tokens_in_notebooks():
+    for path in NOTEBOOKS:
+        text = path.read_text()
+        assert "/root/" not in text and "/tmp/" not in text and "/work/" not in text
+        assert "hf_" not in text.replace("hf_hub", "")

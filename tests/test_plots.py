@@ -1,0 +1,28 @@
+from lora_helpers import plots
+
+HISTORY = [
+    {"loss": 3.0, "step": 5},
+    {"loss": 2.0, "step": 10},
+    {"eval_loss": 2.5, "step": 10},
+    {"train_loss": 2.5, "step": 10},
+]
+
+
+def test_loss_curves_from_log_history():
+    assert plots.loss_curves(HISTORY) == {"train": [(5, 3.0), (10, 2.0)], "eval": [(10, 2.5)]}
+
+
+def test_plot_loss_writes_a_png(tmp_path):
+    plots.plot_loss(HISTORY, tmp_path / "loss.png")
+    assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_course_images_are_drawn(tmp_path):
+    paths = plots.draw_course_images(tmp_path)
+    assert [p.name for p in paths] == ["lora_diagram.png", "peft_comparison.png"]
+    assert all(p.stat().st_size > 10_000 for p in paths)
+
+
+def test_memory_chart():
+    fig = plots.plot_memory({"16-bit": 12.6, "8-bit": 6.7, "4-bit NF4": 3.6}, "Llama-2-7B", limit_gb=15)
+    assert len(fig.axes[0].patches) == 3
