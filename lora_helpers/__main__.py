@@ -13,6 +13,7 @@ def main(argv: list[str] | None = None) -> int:
     course = commands.add_parser("course", help="run the notebooks in order with papermill")
     course.add_argument("--preset", default="tiny", help="a preset name (default: tiny, offline on CPU)")
     course.add_argument("--run-dir", default=None, help="where results go (default: runs/PRESET)")
+    course.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in run-dir")
     course.add_argument("--only", nargs="+", default=None, metavar="NN", help="run only these notebooks, e.g. 04 05")
     course.add_argument(
         "-p",
@@ -34,8 +35,9 @@ def main(argv: list[str] | None = None) -> int:
         from lora_helpers import course as runner
 
         try:
-            summary = runner.run_course(args.preset, args.run_dir, args.only, runner.parse_parameters(args.parameter))
-        except (runner.NotebookFailed, ValueError, FileNotFoundError) as error:
+            params = runner.parse_parameters(args.parameter)
+            summary = runner.run_course(args.preset, args.run_dir, args.only, params, overwrite=args.overwrite)
+        except (runner.NotebookFailed, ValueError, OSError) as error:
             print(f"\nerror: {error}", file=sys.stderr)
             return 1
         runner.print_summary(summary)

@@ -79,18 +79,19 @@ def run_course(
     run_dir: str | Path | None = None,
     only: list[str] | None = None,
     params: dict | None = None,
+    overwrite: bool = False,
     echo=print,
 ) -> dict:
     """Run the notebooks in order; return (and write) the summary. Raises ``NotebookFailed`` on the first failure."""
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
-    from lora_helpers import presets
+    from lora_helpers import files, presets
 
     presets.get_preset(preset)  # unknown presets fail here, before any notebook starts
     run_dir = Path(run_dir or f"runs/{preset}").expanduser().resolve()
     params = dict(params or {})
-    for reserved in ("preset", "run_dir"):
+    for reserved in ("preset", "run_dir", "overwrite"):
         if reserved in params:
             raise ValueError(f"Pass {reserved} with --{reserved.replace('_', '-')}, not with -p.")
     notebooks = course_notebooks(only)
@@ -99,6 +100,8 @@ def run_course(
     if unknown:
         known = sorted(set().union(*declared.values()))
         raise ValueError(f"No notebook declares the parameter(s) {sorted(unknown)}. Declared: {', '.join(known)}.")
+    if any(nb.name.startswith("04") for nb in notebooks):
+        files.refuse_to_overwrite(run_dir, overwrite)  # before notebook 01 starts, not after it
     if preset == "tiny":
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tiny preset never needs the network
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -108,7 +111,7 @@ def run_course(
     summary = {"preset": preset, "run_dir": str(run_dir), "parameters": params, "status": "running", "notebooks": []}
     total_start = time.time()
     for index, notebook in enumerate(notebooks, 1):
-        given = {"preset": preset, "run_dir": str(run_dir), **params}
+        given = {"preset": preset, "run_dir": str(run_dir), "overwrite": overwrite, **params}
         given = {k: v for k, v in given.items() if k in declared[notebook]}
         echo(f"[{index}/{len(notebooks)}] {notebook.name} ...", end=" ", flush=True)
         start = time.time()

@@ -224,3 +224,19 @@ def choose_pad_token(tokenizer) -> str:
         "This tokenizer has no token to pad with other than EOS. Add one with "
         "tokenizer.add_special_tokens({'pad_token': '<pad>'}) and model.resize_token_embeddings(len(tokenizer))."
     )
+
+
+def check_lengths(lengths: list[int], max_length: int) -> int:
+    """Return how many examples exceed ``max_length``; fail when all of them do (nothing would train intact)."""
+    too_long = sum(n > max_length for n in lengths)
+    if lengths and too_long == len(lengths):
+        raise ValueError(
+            f"Every example is longer than max_length={max_length} tokens (the shortest has {min(lengths)}): "
+            "each would lose the end of its answer and its EOS. Raise max_length, or use shorter examples."
+        )
+    return too_long
+
+
+def token_lengths(dataset, tokenizer) -> list[int]:
+    """Tokens per prompt + completion example, as the trainer will see them (notebook 04's length check)."""
+    return [len(tokenizer(ex["prompt"] + ex["completion"])["input_ids"]) for ex in dataset]

@@ -93,3 +93,42 @@ def standard_target_choices(model) -> dict[str, list[str]]:
         choices["attention q,k,v,o (seed 001)"] = attention
     choices["all linear (seed 002)"] = names
     return choices
+
+
+def check_adapter_matches_base(adapter_dir, model) -> None:
+    """Fail with both names when an adapter was trained for a different base model (notebooks 05 and 06).
+
+    Also refuses an adapter saved as a pickle (``adapter_model.bin``): the course loads safetensors only.
+    """
+    import json
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").exists():
+        raise FileNotFoundError(f"No adapter in {adapter_dir}: run notebook 04 (training) with this run_dir first.")
+    weights = adapter_dir / "adapter_model.safetensors"
+    if not weights.exists():
+        raise FileNotFoundError(
+            f"{adapter_dir} has no adapter_model.safetensors. The course loads safetensors only: a pickled "
+            ".bin file can run code when it is loaded. Re-save the adapter with save_pretrained()."
+        )
+    trained_for = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    prefix = "base_model.model."
+    layers = {name.removeprefix(prefix): module for name, module in linear_layers(model).items()}
+    with safe_open(weights, "pt") as f:
+        for key in f.keys():
+            if ".lora_A" not in key:
+                continue
+            layer = key.split(".lora_A")[0].removeprefix(prefix)
+            _, d_in = f.get_slice(key).get_shape()
+            d_out, _ = f.get_slice(key.replace(".lora_A", ".lora_B")).get_shape()
+            module = layers.get(layer)
+            if module is None or (module.in_features, module.out_features) != (d_in, d_out):
+                found = "no such layer" if module is None else f"{module.in_features} -> {module.out_features}"
+                raise ValueError(
+                    f"The adapter in {adapter_dir} was trained for {trained_for!r} and does not fit the base model "
+                    f"{getattr(model, 'name_or_path', '?')!r}: layer {layer} expects {d_in} -> {d_out}, found "
+                    f"{found}. Load the base model the adapter was trained on (see run_config.json)."
+                )

@@ -8,6 +8,7 @@ functions so that every notebook loads the same way.
 from __future__ import annotations
 
 import os
+import warnings
 
 from lora_helpers import data, presets, tiny
 
@@ -42,13 +43,26 @@ def explain_load_error(model_id: str, error: Exception) -> Exception:
     return error
 
 
-def load_tokenizer(model_id: str):
+def warn_remote_code(model_id: str, trust_remote_code: bool) -> bool:
+    """Say so when a model's own Python code will run; it is off unless asked for."""
+    if trust_remote_code:
+        warnings.warn(
+            f"trust_remote_code=True: loading {model_id} runs Python code from its repository on this machine. "
+            "Do this only for repositories you trust, pinned to a revision you have read.",
+            stacklevel=3,
+        )
+    return trust_remote_code
+
+
+def load_tokenizer(model_id: str, trust_remote_code: bool = False):
     """The tokenizer, with a pad token that is not EOS (see ``data.choose_pad_token``)."""
     from transformers import AutoTokenizer
 
     path = resolve_model_path(model_id)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, token=hub_token())
+        tokenizer = AutoTokenizer.from_pretrained(
+            path, token=hub_token(), trust_remote_code=warn_remote_code(model_id, trust_remote_code)
+        )
     except Exception as error:
         raise explain_load_error(model_id, error) from error
     data.choose_pad_token(tokenizer)
@@ -69,11 +83,12 @@ def bnb_4bit_config():
     )
 
 
-def load_model(model_id: str, load_in_4bit: bool, dtype=None, device_map=None):
+def load_model(model_id: str, load_in_4bit: bool, dtype=None, device_map=None, trust_remote_code: bool = False):
     """A causal LM, in 4-bit NF4 (QLoRA) or unquantized in ``dtype`` (default: the device's compute dtype).
 
     On a GPU the whole model goes to GPU 0 unless ``device_map`` says otherwise
     (notebook 05 passes "auto" so a 16-bit 7B model may spill to CPU memory on a T4).
+    Weights are read from safetensors only: a pickled ``.bin`` file can run code when it is loaded.
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -81,7 +96,12 @@ def load_model(model_id: str, load_in_4bit: bool, dtype=None, device_map=None):
     from lora_helpers import device
 
     dtype = dtype or device.compute_dtype()
-    kwargs = {"dtype": dtype, "token": hub_token()}
+    kwargs = {
+        "dtype": dtype,
+        "token": hub_token(),
+        "use_safetensors": True,
+        "trust_remote_code": warn_remote_code(model_id, trust_remote_code),
+    }
     if load_in_4bit:
         works, message = device.check_4bit()
         if not works:

@@ -46,6 +46,7 @@ class Settings:
     max_new_tokens: int  # for generation in notebooks 02 and 06
     seed: int
     seed_doc: str  # which source document the recipe follows
+    trust_remote_code: bool = False  # run Python code shipped with a hub model: only for models you trust
 
 
 PRESETS: dict[str, Settings] = {

@@ -7,7 +7,7 @@ the same way, as d2l does with functions taught in earlier chapters.
 
 from __future__ import annotations
 
-from lora_helpers import data, device
+from lora_helpers import data, device, files
 
 
 def precision_flags() -> dict:
@@ -37,6 +37,7 @@ def prepare_datasets(settings, tokenizer):
         lambda ex: data.to_prompt_completion(ex, shape, tokenizer, settings.chat_format, settings.system_prompt),
         remove_columns=raw.column_names,
     )
+    data.check_lengths(data.token_lengths(formatted, tokenizer), settings.max_length)
     if settings.eval_fraction and len(formatted) >= 10:
         split = formatted.train_test_split(test_size=settings.eval_fraction, seed=settings.seed)
         return split["train"], split["test"], shape, raw
@@ -51,8 +52,8 @@ def train_adapter(settings, output_dir: str, adapter_name: str = "default"):
     from lora_helpers import lora, models
 
     device.seed_everything(settings.seed)
-    tokenizer = models.load_tokenizer(settings.model_id)
-    model = models.load_model(settings.model_id, settings.load_in_4bit)
+    tokenizer = models.load_tokenizer(settings.model_id, settings.trust_remote_code)
+    model = models.load_model(settings.model_id, settings.load_in_4bit, trust_remote_code=settings.trust_remote_code)
     if settings.load_in_4bit:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=settings.gradient_checkpointing)
     config = LoraConfig(
@@ -87,6 +88,7 @@ def train_adapter(settings, output_dir: str, adapter_name: str = "default"):
         model=model, args=args, train_dataset=train, eval_dataset=evaluation, processing_class=tokenizer
     )
     trainer.train()
-    model.save_pretrained(output_dir)
-    tokenizer.save_pretrained(output_dir)
+    with files.atomic_dir(output_dir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     return trainer

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 
 import nbformat
 import pytest
@@ -13,10 +14,22 @@ from lora_helpers import course
 pytestmark = pytest.mark.course
 
 
+FAKE_TOKEN = "hf_FakeTokenForLeakTest0123456789abcdef"
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
+    """One full course run, with a (fake) Hub token in the environment as a learner on Colab would have."""
     run_dir = tmp_path_factory.mktemp("course_run")
-    summary = course.run_course("tiny", run_dir)
+    saved = os.environ.get("HF_TOKEN")
+    os.environ["HF_TOKEN"] = FAKE_TOKEN
+    try:
+        summary = course.run_course("tiny", run_dir)
+    finally:
+        if saved is None:
+            os.environ.pop("HF_TOKEN")
+        else:
+            os.environ["HF_TOKEN"] = saved
     return run_dir, summary
 
 
@@ -102,3 +115,20 @@ def test_trainer_route_of_seed_000_runs(tmp_path):
     assert summary["status"] == "ok" and log["trainer_route"] == "trainer"
     assert log["final_train_loss"] < log["first_train_loss"]
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_the_token_appears_in_no_file_the_run_leaves(run):
+    run_dir, _ = run
+    files = [p for p in run_dir.rglob("*") if p.is_file()]
+    assert len(files) > 20
+    leaked = [str(p) for p in files if FAKE_TOKEN.encode() in p.read_bytes()]
+    assert leaked == []
+    executed = (run_dir / "notebooks" / "01_setup.ipynb").read_text()
+    assert "token is set" in executed  # notebook 01 saw the token, and said so without printing it
+
+
+def test_a_second_run_into_the_same_run_dir_is_refused(run):
+    run_dir, _ = run
+    with pytest.raises(FileExistsError, match="already holds the results"):
+        course.run_course("tiny", run_dir)
+    assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
