@@ -1,5 +1,5 @@
-import pytest
 import peft.peft_model
+import pytest
 from peft import LoraConfig, get_peft_model
 
 from lora_helpers import course, files
