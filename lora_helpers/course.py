@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+from lora_helpers import files
+
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 ARTIFACTS = {
     "notebooks": "notebooks",
@@ -86,7 +88,7 @@ def run_course(
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
-    from lora_helpers import files, presets
+    from lora_helpers import presets
 
     presets.get_preset(preset)  # unknown presets fail here, before any notebook starts
     run_dir = Path(run_dir or f"runs/{preset}").expanduser().resolve()
@@ -159,7 +161,7 @@ def write_summary(run_dir: Path, summary: dict, seconds: float) -> dict:
     if evaluation:
         summary["exact_match"] = {k: evaluation.get(k) for k in ("base", "fine_tuned", "merged")}
     summary["artifacts"] = {k: str(run_dir / v) for k, v in ARTIFACTS.items() if (run_dir / v).exists()}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    files.write_json(run_dir / "summary.json", summary)
     return summary
 
 

@@ -58,3 +58,15 @@ def check_free_space(directory: str | Path, needed_bytes: int, what: str) -> Non
             f"Not enough disk space to write {what}: it needs about {needed_bytes / 2**30:.2f} GB, "
             f"and {probe} has {free / 2**30:.2f} GB free. Free some space or choose a run_dir on a larger disk."
         )
+
+
+def write_json(path: str | Path, content) -> Path:
+    """Write JSON through a temporary file and an atomic rename: readers see the old file or the new, never half."""
+    import json
+    import os
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(json.dumps(content, indent=2))
+    os.replace(tmp, path)
+    return path

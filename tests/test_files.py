@@ -53,3 +53,11 @@ def test_not_enough_disk_space_gives_the_numbers(tmp_path):
     with pytest.raises(OSError, match=r"needs about .* GB, and .* has .* GB free"):
         files.check_free_space(tmp_path, 10**18, "the merged model")
     files.check_free_space(tmp_path, 1000, "a small file")
+
+
+def test_write_json_keeps_the_old_file_when_the_new_content_fails(tmp_path):
+    files.write_json(tmp_path / "summary.json", {"status": "ok"})
+    with pytest.raises(TypeError):
+        files.write_json(tmp_path / "summary.json", {"status": object()})
+    assert (tmp_path / "summary.json").read_text() == '{\n  "status": "ok"\n}'
+    assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]
