@@ -157,6 +157,7 @@ def write_summary(run_dir: Path, summary: dict, seconds: float) -> dict:
     if log:
         summary["final_train_loss"] = log.get("final_train_loss")
         summary["final_eval_loss"] = log.get("final_eval_loss")
+        summary["final_eval_perplexity"] = log.get("final_eval_perplexity")
     evaluation = _read_json(run_dir / ARTIFACTS["eval"])
     if evaluation:
         summary["exact_match"] = {k: evaluation.get(k) for k in ("base", "fine_tuned", "merged")}
@@ -173,7 +174,7 @@ def print_summary(summary: dict, stream=sys.stdout) -> None:
     print(f"\nCourse run: {summary['status']} in {summary['total_seconds']} s  ({summary['run_dir']})", file=stream)
     for nb in summary["notebooks"]:
         print(f"  {nb['name']:<28} {nb['seconds']:>7} s  {nb['status']}", file=stream)
-    for key in ("final_train_loss", "final_eval_loss", "exact_match"):
+    for key in ("final_train_loss", "final_eval_loss", "final_eval_perplexity", "exact_match"):
         if summary.get(key) is not None:
             print(f"  {key}: {summary[key]}", file=stream)
     for key, path in summary.get("artifacts", {}).items():

@@ -9,6 +9,7 @@ the two apart is what lets the trainer put the loss on the answer only.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 # The dataset shapes the course accepts, by the columns that identify them.
@@ -130,10 +131,13 @@ def render_chat(messages: list[dict], tokenizer, chat_format: str, add_generatio
     if chat_format == "llama2":
         return format_llama2(messages, tokenizer.bos_token or "<s>", tokenizer.eos_token or "</s>")
     if chat_format == "template":
-        if not tokenizer.chat_template:
-            raise ValueError(
-                "This tokenizer has no chat template. Use chat_format='llama2', or set tokenizer.chat_template."
+        if not tokenizer.chat_template:  # base models: the documented default is the Llama-2 format
+            warnings.warn(
+                "This tokenizer has no chat template (a base model?): using the Llama-2 format. "
+                "Use the same chat_format when you generate.",
+                stacklevel=2,
             )
+            return format_llama2(messages, tokenizer.bos_token or "<s>", tokenizer.eos_token or "</s>")
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     raise ValueError(f"Unknown chat_format {chat_format!r}: use 'llama2' or 'template'.")
 
@@ -240,3 +244,25 @@ def check_lengths(lengths: list[int], max_length: int) -> int:
 def token_lengths(dataset, tokenizer) -> list[int]:
     """Tokens per prompt + completion example, as the trainer will see them (notebook 04's length check)."""
     return [len(tokenizer(ex["prompt"] + ex["completion"])["input_ids"]) for ex in dataset]
+
+
+def length_report(dataset, tokenizer, max_length: int) -> dict:
+    """Token lengths, and how many examples ``max_length`` truncates or drops (notebook 04, "Choosing max_length").
+
+    Truncated: the example loses the end of its answer and its EOS. Dropped: the prompt alone fills
+    ``max_length``, no answer token is left, and the trainer skips the example.
+    """
+    lengths, dropped = [], 0
+    for example in dataset:
+        prompt_tokens = len(tokenizer(example["prompt"])["input_ids"])
+        lengths.append(len(tokenizer(example["prompt"] + example["completion"])["input_ids"]))
+        dropped += prompt_tokens >= max_length
+    truncated = check_lengths(lengths, max_length)
+    return {
+        "examples": len(lengths),
+        "max_length": max_length,
+        "truncated": truncated - dropped,
+        "dropped": dropped,
+        "longest": max(lengths),
+        "lengths": lengths,
+    }

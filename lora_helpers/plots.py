@@ -29,34 +29,82 @@ def _in_notebook() -> bool:
 
 
 def loss_curves(log_history: list[dict]) -> dict[str, list[tuple[float, float]]]:
-    """(step, value) pairs of training loss and eval loss from ``trainer.state.log_history``."""
-    curves = {"train": [], "eval": []}
+    """(step, value) pairs of training loss, eval loss and learning rate from ``trainer.state.log_history``."""
+    curves = {"train": [], "eval": [], "learning_rate": []}
     for entry in log_history:
         if "loss" in entry:
             curves["train"].append((entry["step"], entry["loss"]))
         if "eval_loss" in entry:
             curves["eval"].append((entry["step"], entry["eval_loss"]))
+        if "learning_rate" in entry:
+            curves["learning_rate"].append((entry["step"], entry["learning_rate"]))
     return curves
 
 
 def plot_loss(log_history: list[dict], path: str | Path | None = None):
-    """Training and evaluation loss against optimizer steps; saved to ``path`` when given."""
+    """Training and eval loss (with eval perplexity) and the learning rate against steps; saved to ``path``."""
+    import math
+
     plt = _pyplot()
     curves = loss_curves(log_history)
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for label, style in (("train", "-"), ("eval", "o--")):
-        if curves[label]:
-            steps, values = zip(*curves[label])
-            ax.plot(steps, values, style, label=f"{label} loss")
-    ax.set_xlabel("optimizer step")
+    fig, (ax, lr_ax) = plt.subplots(2, 1, figsize=(6.5, 5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    if curves["train"]:
+        ax.plot(*zip(*curves["train"]), "-", label="train loss")
+    if curves["eval"]:
+        steps, values = zip(*curves["eval"])
+        ax.plot(steps, values, "o--", label="eval loss")
+        ax.annotate(
+            f"eval perplexity {math.exp(values[-1]):.3g}",
+            (steps[-1], values[-1]),
+            textcoords="offset points",
+            xytext=(-10, 8),
+            ha="right",
+            fontsize=8,
+        )
     ax.set_ylabel("cross-entropy loss")
     ax.set_title("Loss during fine-tuning")
     ax.legend()
     ax.grid(alpha=0.3)
+    if curves["learning_rate"]:
+        lr_ax.plot(*zip(*curves["learning_rate"]), color="gray")
+    lr_ax.set_ylabel("learning rate")
+    lr_ax.set_xlabel("optimizer step")
+    lr_ax.grid(alpha=0.3)
     fig.tight_layout()
     if path is not None:
         fig.savefig(path, dpi=120)
     return fig
+
+
+def plot_lengths(lengths: list[int], max_length: int, path: str | Path | None = None):
+    """Histogram of tokens per example, with ``max_length`` marked and the share beyond it."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.hist(lengths, bins=min(40, max(5, len(set(lengths)))), color="#5b8def")
+    share = sum(n > max_length for n in lengths) / len(lengths)
+    ax.axvline(max_length, color="crimson", linestyle="--", label=f"max_length={max_length} ({share:.0%} beyond)")
+    ax.set_xlabel("tokens per example (prompt + answer)")
+    ax.set_ylabel("examples")
+    ax.legend()
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig
+
+
+def loss_tokens_html(pieces: list[str], in_loss: list[bool]):
+    """The tokens of one example, green where they count in the loss, grey where they do not."""
+    import html
+
+    from IPython.display import HTML
+
+    spans = []
+    for piece, counted in zip(pieces, in_loss):
+        colour = "#c8e6c9" if counted else "#eeeeee"
+        text = html.escape(piece).replace(" ", "&nbsp;").replace("\n", "&#8629;<br>")
+        spans.append(f'<span style="background:{colour};border:1px solid #ccc;margin:1px;padding:0 2px">{text}</span>')
+    legend = '<p style="font-size:90%">green: in the loss &nbsp; grey: context only</p>'
+    return HTML(f'<div style="font-family:monospace;line-height:1.9">{"".join(spans)}</div>{legend}')
 
 
 def plot_memory(sizes_gb: dict[str, float], title: str, limit_gb: float | None = None):

@@ -47,6 +47,8 @@ class Settings:
     seed: int
     seed_doc: str  # which source document the recipe follows
     trust_remote_code: bool = False  # run Python code shipped with a hub model: only for models you trust
+    completion_only_loss: bool = True  # loss on the answers only (False: on the whole text, as seed 000)
+    early_stopping_patience: int = 0  # stop after this many evaluations without a lower eval loss (0: never)
 
 
 PRESETS: dict[str, Settings] = {

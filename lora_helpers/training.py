@@ -7,6 +7,11 @@ the same way, as d2l does with functions taught in earlier chapters.
 
 from __future__ import annotations
 
+import contextlib
+import math
+
+from transformers import TrainerCallback
+
 from lora_helpers import data, device, files
 
 
@@ -44,13 +49,124 @@ def prepare_datasets(settings, tokenizer):
     return formatted, None, shape, raw
 
 
-def train_adapter(settings, output_dir: str, adapter_name: str = "default"):
-    """Train one LoRA adapter with the notebook-04 recipe and save it to ``output_dir``. Returns the trainer."""
+def adapter_weights_to_float32(model) -> int:
+    """Put the trainable (LoRA) weights back in fp32, after ``SFTTrainer`` has cast them to bf16.
+
+    trl casts the adapters of a quantized model to bf16 (the QLoRA paper's choice on A100s). On a T4 that is
+    wrong: it has no fast bf16, and fp16 mixed precision needs fp32 master weights (the grad scaler refuses to
+    unscale 16-bit gradients). Small Adam updates also vanish in bf16. Adapters are small: fp32 costs little.
+    Notebook 04 explains it; returns how many tensors were cast.
+    """
+    import torch
+
+    cast = 0
+    for _, parameter in model.named_parameters():
+        if parameter.requires_grad and parameter.dtype != torch.float32:
+            parameter.data = parameter.data.float()
+            cast += 1
+    return cast
+
+
+class StopOnNonFinite(TrainerCallback):
+    """Stop training with a clear message when the loss or the gradient norm is NaN or inf.
+
+    Needs ``logging_nan_inf_filter=False`` in the config: by default the trainer logs a NaN step as the average
+    of the others, which hides it. Notebook 04 adds this callback to every run.
+    """
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        for key in ("loss", "grad_norm", "eval_loss"):
+            value = (logs or {}).get(key)
+            if value is not None and not math.isfinite(value):
+                raise FloatingPointError(
+                    f"Training stopped at step {state.global_step}: {key} is {value}. Usual causes: a learning "
+                    f"rate too high (now {args.learning_rate:g}: try a tenth), fp16 overflow (on Ampere or newer "
+                    "use bf16), or examples with no answer tokens. The last checkpoint is in "
+                    f"{args.output_dir}; nothing after it is kept."
+                )
+
+
+@contextlib.contextmanager
+def explain_oom(settings):
+    """Turn CUDA out-of-memory into a message listing what to lower, with this run's values."""
+    import torch
+
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError as error:
+        card = "this GPU"
+        if torch.cuda.is_available():
+            card = f"{torch.cuda.get_device_name()} ({torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GB)"
+        batch = settings.per_device_train_batch_size
+        raise torch.cuda.OutOfMemoryError(
+            f"Out of GPU memory on {card}. Lower, in this order:\n"
+            f"  per_device_train_batch_size={batch} -> {max(1, batch // 2)}, and double "
+            f"gradient_accumulation_steps={settings.gradient_accumulation_steps} to keep the effective batch\n"
+            f"  max_length={settings.max_length} -> {settings.max_length // 2}\n"
+            f"  gradient_checkpointing={settings.gradient_checkpointing} -> True\n"
+            f"  lora_r={settings.lora_r} -> {max(1, settings.lora_r // 2)}, or target_modules="
+            f"{settings.target_modules!r} -> 'q_proj,v_proj'\n"
+            "Then restart the runtime: memory stays fragmented after an out-of-memory error."
+        ) from error
+
+
+def check_every_batch_supervised(trainer) -> dict:
+    """Go through the training batches once and fail if any has no token that counts in the loss."""
+    counts = []
+    for batch in trainer.get_train_dataloader():
+        counts.append(int((batch["labels"] != -100).sum()))
+    if not counts or min(counts) == 0:
+        raise ValueError(
+            f"{counts.count(0)} of {len(counts)} training batches have no token in the loss: their answers were "
+            "cut off by max_length or are empty. Raise max_length, or check the completion column."
+        )
+    return {"batches": len(counts), "fewest_supervised_tokens": min(counts), "supervised_tokens": sum(counts)}
+
+
+def prepare_checkpoints(checkpoint_dir, resume: bool, overwrite: bool):
+    """What to pass as ``resume_from_checkpoint``; refuse to mix a new run with an interrupted one's checkpoints."""
+    from pathlib import Path
+
+    from transformers.trainer_utils import get_last_checkpoint
+
+    checkpoint_dir = Path(checkpoint_dir)
+    last = get_last_checkpoint(str(checkpoint_dir)) if checkpoint_dir.is_dir() else None
+    if resume:
+        if last is None:
+            print(f"resume=True, but there is no checkpoint in {checkpoint_dir}: starting from the beginning.")
+        return last
+    if last is not None:
+        if not overwrite:
+            raise FileExistsError(
+                f"{checkpoint_dir} holds checkpoints of an interrupted run ({Path(last).name}). Pass resume=True "
+                "to continue it, or overwrite=True to start again from the beginning."
+            )
+        import shutil
+
+        shutil.rmtree(checkpoint_dir)
+    return None
+
+
+def train_adapter(
+    settings,
+    output_dir: str,
+    adapter_name: str = "default",
+    resume: bool = False,
+    overwrite: bool = False,
+    callbacks=(),
+):
+    """Train one LoRA adapter with the notebook-04 recipe and save it to ``output_dir``. Returns the trainer.
+
+    Checkpoints go to ``OUTPUT_DIR-checkpoints`` after every epoch; ``resume=True`` continues from the last one.
+    """
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import EarlyStoppingCallback
     from trl import SFTConfig, SFTTrainer
 
     from lora_helpers import lora, models
 
+    checkpoint_dir = f"{output_dir}-checkpoints"
+    resume_from = prepare_checkpoints(checkpoint_dir, resume, overwrite)
     device.seed_everything(settings.seed)
     tokenizer = models.load_tokenizer(settings.model_id, settings.trust_remote_code)
     model = models.load_model(settings.model_id, settings.load_in_4bit, trust_remote_code=settings.trust_remote_code)
@@ -66,8 +182,9 @@ def train_adapter(settings, output_dir: str, adapter_name: str = "default"):
     )
     model = get_peft_model(model, config, adapter_name=adapter_name)
     train, evaluation, _, _ = prepare_datasets(settings, tokenizer)
+    early_stopping = bool(settings.early_stopping_patience and evaluation is not None)
     args = SFTConfig(
-        output_dir=f"{output_dir}-checkpoints",
+        output_dir=checkpoint_dir,
         num_train_epochs=settings.num_train_epochs,
         per_device_train_batch_size=settings.per_device_train_batch_size,
         gradient_accumulation_steps=settings.gradient_accumulation_steps,
@@ -76,18 +193,34 @@ def train_adapter(settings, output_dir: str, adapter_name: str = "default"):
         warmup_steps=settings.warmup_ratio,  # a float below 1 is a share of all steps (transformers 5)
         optim=optimizer_for_device(settings.optim),
         gradient_checkpointing=settings.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
         max_length=settings.max_length,
+        completion_only_loss=settings.completion_only_loss,
         logging_steps=settings.logging_steps,
+        logging_nan_inf_filter=False,
         eval_strategy="epoch" if evaluation is not None else "no",
-        save_strategy="no",
+        save_strategy="epoch",
+        save_total_limit=1,
+        load_best_model_at_end=early_stopping,
+        metric_for_best_model="eval_loss" if early_stopping else None,
         report_to="none",
         seed=settings.seed,
         **precision_flags(),
     )
+    callbacks = [StopOnNonFinite(), *callbacks]
+    if early_stopping:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=settings.early_stopping_patience))
     trainer = SFTTrainer(
-        model=model, args=args, train_dataset=train, eval_dataset=evaluation, processing_class=tokenizer
+        model=model,
+        args=args,
+        train_dataset=train,
+        eval_dataset=evaluation,
+        processing_class=tokenizer,
+        callbacks=callbacks,
     )
-    trainer.train()
+    adapter_weights_to_float32(trainer.model)
+    with explain_oom(settings):
+        trainer.train(resume_from_checkpoint=resume_from)
     with files.atomic_dir(output_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

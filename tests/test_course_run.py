@@ -6,6 +6,7 @@ import os
 
 import nbformat
 import pytest
+import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig
 
@@ -56,6 +57,7 @@ def test_adapter_holds_only_lora_weights(run):
     adapter = load_file(run_dir / "adapter" / "adapter_model.safetensors")
     config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
     assert adapter and all("lora_A" in k or "lora_B" in k for k in adapter)
+    assert {w.dtype for w in adapter.values()} == {torch.float32}  # not trl's bf16 (notebook 04 explains)
     assert config["r"] == 16 and config["lora_alpha"] == 32
     assert set(config["target_modules"]) == {
         "q_proj",
@@ -132,3 +134,31 @@ def test_a_second_run_into_the_same_run_dir_is_refused(run):
     with pytest.raises(FileExistsError, match="already holds the results"):
         course.run_course("tiny", run_dir)
     assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_the_model_learned_to_stop(run, tiny_dir):
+    """Greedy generation ends with EOS right after the answer instead of running to max_new_tokens."""
+    from peft import PeftModel
+
+    from lora_helpers import data, models
+
+    run_dir, _ = run
+    tokenizer = models.load_tokenizer(str(run_dir / "adapter"))
+    model = PeftModel.from_pretrained(models.load_model("tiny", load_in_4bit=True), run_dir / "adapter")
+    split = json.loads((run_dir / "split.json").read_text())
+    for question, answer in split["train"][:8]:
+        prompt = tokenizer(data.prompt_for_generation(question, tokenizer, "llama2"), return_tensors="pt")
+        output = model.generate(**prompt, max_new_tokens=40, do_sample=False)[0, prompt["input_ids"].shape[1] :]
+        assert output[-1] == tokenizer.eos_token_id and len(output) < 40
+        assert tokenizer.decode(output[:-1]).strip() == answer
+
+
+def test_monitoring_curves_are_logged(run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir, summary = run
+    events = EventAccumulator(str(next((run_dir / "tensorboard").rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    assert {"train/loss", "eval/loss", "train/learning_rate"} <= set(events.Tags()["scalars"])
+    assert (run_dir / "lengths.png").exists()
+    assert summary["final_eval_perplexity"] == pytest.approx(math.exp(summary["final_eval_loss"]))

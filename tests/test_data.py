@@ -123,3 +123,36 @@ def test_pad_token_is_never_eos(tiny_tokenizer):
     tokenizer.pad_token = tokenizer.eos_token  # what the seeds do
     chosen = data.choose_pad_token(tokenizer)
     assert chosen != tokenizer.eos_token and tokenizer.pad_token_id != tokenizer.eos_token_id
+
+
+def test_base_model_without_template_gets_the_llama2_format(tiny_tokenizer):
+    import copy
+
+    base = copy.deepcopy(tiny_tokenizer)
+    base.chat_template = None
+    with pytest.warns(UserWarning, match="no chat template"):
+        pc = data.to_prompt_completion(QA, "messages", base, "template")
+    assert pc == data.to_prompt_completion(QA, "messages", tiny_tokenizer, "llama2")
+
+
+def test_sharegpt_system_turn_becomes_the_llama2_system_block(tiny_tokenizer):
+    example = {
+        "conversations": [
+            {"from": "system", "value": "Be brief."},
+            {"from": "human", "value": "Hi"},
+            {"from": "gpt", "value": "Hello"},
+        ]
+    }
+    pc = data.to_prompt_completion(example, "conversations", tiny_tokenizer, "llama2")
+    assert pc["prompt"] == "[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST]"
+
+
+def test_length_report_counts_truncated_and_dropped(tiny_tokenizer):
+    rows = [
+        {"prompt": "[INST] Hi [/INST]", "completion": " Hello </s>"},
+        {"prompt": "[INST] " + "word " * 40 + "[/INST]", "completion": " Yes </s>"},
+        {"prompt": "[INST] Tell me [/INST]", "completion": " " + "more " * 40 + "</s>"},
+    ]
+    report = data.length_report(rows, tiny_tokenizer, max_length=30)
+    assert (report["examples"], report["truncated"], report["dropped"]) == (3, 1, 1)
+    assert report["longest"] == max(report["lengths"]) > 30

@@ -1,3 +1,4 @@
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -39,3 +40,114 @@ def test_train_adapter_learns_and_changes_only_the_adapter(tmp_path, tiny_dir):
     original = base["model.layers.0.self_attn.q_proj.weight"]
     assert (restored - original).abs().max() < 0.2 * original.abs().max()  # still the NF4 copy of the frozen base
     assert not any(p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
+
+
+CAPTAIN = dict(dataset="package:persona_captain.jsonl", eval_fraction=0.0, logging_steps=1)
+
+
+def test_nan_stops_training_with_a_clear_message(tmp_path, tiny_dir):
+    from transformers import TrainerCallback
+
+    class PoisonTheAdapter(TrainerCallback):  # what an exploding update does, made deterministic
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 2:
+                for name, parameter in model.named_parameters():
+                    if "lora_B" in name:
+                        parameter.data.fill_(float("nan"))
+
+    settings = presets.resolve_settings("tiny", num_train_epochs=3, **CAPTAIN)
+    with pytest.raises(FloatingPointError, match=r"step 3: loss is nan.*learning rate too high"):
+        training.train_adapter(settings, str(tmp_path / "adapter"), callbacks=[PoisonTheAdapter()])
+    assert not (tmp_path / "adapter").exists()  # nothing broken was saved
+
+
+def test_out_of_memory_names_what_to_lower():
+    settings = presets.get_preset("llama2-7b-guanaco")
+    with pytest.raises(torch.cuda.OutOfMemoryError) as error:
+        with training.explain_oom(settings):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+    message = str(error.value)
+    for expected in ("per_device_train_batch_size=2 -> 1", "max_length=512 -> 256", "lora_r=64 -> 32", "restart"):
+        assert expected in message
+
+
+def test_a_batch_without_supervised_tokens_is_refused():
+    class FakeTrainer:
+        def get_train_dataloader(self):
+            return [{"labels": torch.tensor([[-100, 5, 6]])}, {"labels": torch.tensor([[-100, -100, -100]])}]
+
+    with pytest.raises(ValueError, match="1 of 2 training batches have no token in the loss"):
+        training.check_every_batch_supervised(FakeTrainer())
+
+
+def test_checkpoints_of_an_interrupted_run_are_not_mixed_with_a_new_one(tmp_path):
+    (tmp_path / "checkpoint-4").mkdir()
+    (tmp_path / "checkpoint-4" / "trainer_state.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="resume=True"):
+        training.prepare_checkpoints(tmp_path, resume=False, overwrite=False)
+    assert training.prepare_checkpoints(tmp_path, resume=True, overwrite=False).endswith("checkpoint-4")
+    assert training.prepare_checkpoints(tmp_path, resume=False, overwrite=True) is None
+    assert not tmp_path.exists()
+
+
+def test_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path, tiny_dir):
+    from transformers import TrainerCallback
+
+    class Crash(TrainerCallback):  # a Colab disconnect after step 5; the last checkpoint is from step 4
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 5:
+                raise KeyboardInterrupt("runtime disconnected")
+
+    settings = presets.resolve_settings("tiny", num_train_epochs=4, **CAPTAIN)  # 2 steps per epoch
+    training.train_adapter(settings, str(tmp_path / "straight"))
+    with pytest.raises(KeyboardInterrupt):
+        training.train_adapter(settings, str(tmp_path / "resumed"), callbacks=[Crash()])
+    assert not (tmp_path / "resumed").exists()
+    trainer = training.train_adapter(settings, str(tmp_path / "resumed"), resume=True)
+    assert trainer.state.global_step == 8
+    half = presets.resolve_settings("tiny", num_train_epochs=2, **CAPTAIN)  # what is left without resuming
+    training.train_adapter(half, str(tmp_path / "half"))
+
+    def adapter(name):
+        return load_file(tmp_path / name / "adapter_model.safetensors")
+
+    def distance(a, b):
+        return max((a[k] - b[k]).abs().max().item() for k in a)
+
+    straight, resumed = adapter("straight"), adapter("resumed")
+    assert straight.keys() == resumed.keys()
+    assert distance(straight, resumed) <= 1e-6 < distance(straight, adapter("half"))
+    assert all(w.dtype == torch.float32 for w in resumed.values())
+
+
+def test_early_stopping_stops_when_eval_loss_rises(tmp_path, tiny_dir):
+    settings = presets.resolve_settings("tiny", early_stopping_patience=2)
+    trainer = training.train_adapter(settings, str(tmp_path / "adapter"))
+    evals = [e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e]
+    assert trainer.state.global_step < trainer.state.max_steps
+    assert len(evals) < settings.num_train_epochs
+    assert min(evals) < evals[-1]  # it stopped because eval loss went up
+
+
+def test_completion_only_loss_can_be_switched_off(tiny_tokenizer, tmp_path):
+    from trl import SFTConfig, SFTTrainer
+
+    from lora_helpers import models
+
+    model = models.load_model("tiny", load_in_4bit=False)
+    train = presets.resolve_settings("tiny")
+    dataset, _, _, _ = training.prepare_datasets(train, tiny_tokenizer)
+    labels = {}
+    for only_answers in (True, False):
+        args = SFTConfig(
+            output_dir=str(tmp_path),
+            completion_only_loss=only_answers,
+            report_to="none",
+            per_device_train_batch_size=1,
+            max_length=128,
+            **training.precision_flags(),
+        )
+        trainer = SFTTrainer(model=model, args=args, train_dataset=dataset.select([0]), processing_class=tiny_tokenizer)
+        labels[only_answers] = next(iter(trainer.get_train_dataloader()))["labels"][0]
+    assert (labels[True] != -100).sum() < (labels[False] != -100).sum()
+    assert labels[False][1] != -100  # the first prompt token after <s> counts when the switch is off
