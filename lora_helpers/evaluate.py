@@ -51,15 +51,23 @@ def exact_match_rate(predictions: list[str], references: list[str]) -> float:
     return sum(p.strip() == r.strip() for p, r in zip(predictions, references)) / len(references)
 
 
-def max_logit_difference(model_a, model_b, tokenizer, prompts: list[str]) -> float:
-    """Largest |logit_a - logit_b| over the prompts' tokens: notebook 05's check that a merge changed nothing."""
+def prompt_logits(model, tokenizer, prompts: list[str]) -> list:
+    """The logits of each prompt, as fp32 CPU tensors (notebook 05 compares models with them)."""
     import torch
 
-    worst = 0.0
+    out = []
     for prompt in prompts:
-        batch = tokenizer(prompt, return_tensors="pt")
+        batch = tokenizer(prompt, return_tensors="pt").to(model.device)
         with torch.no_grad():
-            a = model_a(**batch.to(model_a.device)).logits.float().cpu()
-            b = model_b(**batch.to(model_b.device)).logits.float().cpu()
-        worst = max(worst, (a - b).abs().max().item())
-    return worst
+            out.append(model(**batch).logits.float().cpu())
+    return out
+
+
+def max_difference(logits_a: list, logits_b: list) -> float:
+    """Largest |a - b| over matching logit tensors."""
+    return max((a - b).abs().max().item() for a, b in zip(logits_a, logits_b))
+
+
+def max_logit_difference(model_a, model_b, tokenizer, prompts: list[str]) -> float:
+    """Largest |logit_a - logit_b| over the prompts' tokens: notebook 05's check that a merge changed nothing."""
+    return max_difference(prompt_logits(model_a, tokenizer, prompts), prompt_logits(model_b, tokenizer, prompts))
