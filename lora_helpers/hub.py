@@ -8,6 +8,7 @@ so a token passed as a parameter would be published with it.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 
 def token_from_colab_secrets() -> str | None:
@@ -39,3 +40,90 @@ def login_from_environment() -> str:
     # enough for every hub call in this process; whoami only checks that the token is valid.
     user = HfApi().whoami(token=token).get("name", "?")
     return f"Hugging Face token accepted for user {user}."
+
+
+def write_model_card(run_dir, settings, adapter_dir=None) -> Path:
+    """Write ``adapter/README.md``: base model, data, LoRA settings, losses, exact match, the loss plot (notebook 06).
+
+    Nothing secret goes in: the card is built from the run's own files, never from the environment.
+    """
+    import json
+    import shutil
+
+    run_dir = Path(run_dir)
+    adapter_dir = Path(adapter_dir or run_dir / "adapter")
+    log = json.loads((run_dir / "training_log.json").read_text()) if (run_dir / "training_log.json").exists() else {}
+    evaluation = json.loads((run_dir / "eval.json").read_text()) if (run_dir / "eval.json").exists() else {}
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    base = settings.model_id if settings.model_id != "tiny" else "tiny (a random-weight Llama built by lora_helpers)"
+    dataset_line = (
+        f"datasets:\n- {settings.dataset}\n"
+        if "/" in settings.dataset and not settings.dataset.startswith(("package:", "/", "."))
+        else ""
+    )
+    if (run_dir / "loss.png").exists():
+        shutil.copyfile(run_dir / "loss.png", adapter_dir / "loss.png")
+
+    def number(value):
+        return f"{value:.4f}" if isinstance(value, (int, float)) else "n/a"
+
+    card = f"""---
+library_name: peft
+base_model: {settings.model_id}
+{dataset_line}tags:
+- lora
+- qlora
+- trl
+- sft
+---
+
+# LoRA adapter for {base}
+
+Trained with the LoRA / QLoRA course (preset `{settings.preset}`), {"on a 4-bit NF4 base (QLoRA)" if settings.load_in_4bit else "on an unquantized base"}.
+
+| | |
+|---|---|
+| base model | `{settings.model_id}` |
+| dataset | `{settings.dataset}` ({settings.chat_format} chat format, loss on the answers only: {settings.completion_only_loss}) |
+| LoRA | r={config["r"]}, alpha={config["lora_alpha"]}, dropout={config["lora_dropout"]}, targets: {", ".join(sorted(config["target_modules"]))} |
+| training | {settings.num_train_epochs} epochs, learning rate {settings.learning_rate:g}, batch {settings.per_device_train_batch_size} x {settings.gradient_accumulation_steps} accumulation, max_length {settings.max_length} |
+| final train loss | {number(log.get("final_train_loss"))} |
+| final eval loss | {number(log.get("final_eval_loss"))} (perplexity {number(log.get("final_eval_perplexity"))}) |
+| greedy exact match on the training questions | base {number(evaluation.get("base"))}, fine-tuned {number(evaluation.get("fine_tuned"))} |
+
+![loss](loss.png)
+
+## Use
+
+```python
+from peft import AutoPeftModelForCausalLM
+from transformers import AutoTokenizer
+
+model = AutoPeftModelForCausalLM.from_pretrained("THIS_REPO_OR_FOLDER")
+tokenizer = AutoTokenizer.from_pretrained("THIS_REPO_OR_FOLDER")
+```
+
+Prompts must use the format it was trained on: {"`<s>[INST] question [/INST]`" if settings.chat_format == "llama2" else "the tokenizer's chat template"}.
+"""
+    path = adapter_dir / "README.md"
+    path.write_text(card)
+    return path
+
+
+def push_adapter(adapter_dir, repo_id: str, push: bool) -> str:
+    """Push the adapter folder to the Hub only when asked, with a token, and online; say what happened."""
+    if not push:
+        return "Not pushing: push_to_hub is False. The card is written; set push_to_hub=True and hub_repo_id to share."
+    if not repo_id:
+        return "Not pushing: hub_repo_id is empty (e.g. 'your-name/llama2-about-me-lora')."
+    token = os.environ.get("HF_TOKEN") or token_from_colab_secrets()
+    if not token:
+        return "Not pushing: no token. Set HF_TOKEN (Colab: a secret named HF_TOKEN) with write access."
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return f"Not pushing: offline (HF_HUB_OFFLINE=1). The card is written in {adapter_dir}."
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=True, exist_ok=True)
+    api.upload_folder(repo_id=repo_id, folder_path=str(adapter_dir), commit_message="Upload LoRA adapter")
+    return f"Pushed {adapter_dir} to https://huggingface.co/{repo_id} (private)."

@@ -166,3 +166,29 @@ def test_monitoring_curves_are_logged(run):
     assert {"train/loss", "eval/loss", "train/learning_rate"} <= set(events.Tags()["scalars"])
     assert (run_dir / "lengths.png").exists()
     assert summary["final_eval_perplexity"] == pytest.approx(math.exp(summary["final_eval_loss"]))
+
+
+def test_standard_loaders_work_on_what_we_save(run):
+    """AutoPeftModelForCausalLM on the adapter and pipeline() on the merged model, with no course code."""
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoTokenizer, pipeline
+
+    run_dir, _ = run
+    question, answer = json.loads((run_dir / "split.json").read_text())["train"][0]
+    prompt = f"[INST] {question} [/INST]"
+    model = AutoPeftModelForCausalLM.from_pretrained(run_dir / "adapter")
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "adapter")
+    output = model.generate(**tokenizer(prompt, return_tensors="pt"), max_new_tokens=40, do_sample=False)
+    assert answer in tokenizer.decode(output[0], skip_special_tokens=True)
+    generator = pipeline("text-generation", model=str(run_dir / "merged"))
+    text = generator(prompt, max_new_tokens=40, do_sample=False, return_full_text=False)[0]["generated_text"]
+    assert text.strip().startswith(answer.split()[0])
+
+
+def test_model_card_describes_the_run(run):
+    run_dir, _ = run
+    card = (run_dir / "adapter" / "README.md").read_text()
+    assert "library_name: peft" in card and "r=16, alpha=32" in card and "final train loss" in card
+    assert (run_dir / "adapter" / "loss.png").exists()
+    executed = (run_dir / "notebooks" / "06_inference.ipynb").read_text()
+    assert "Not pushing: push_to_hub is False" in executed

@@ -11,3 +11,13 @@ def test_token_is_never_in_the_message(monkeypatch):
     monkeypatch.setenv("HF_TOKEN", fake)
     message = hub.login_from_environment()
     assert "HF_HUB_OFFLINE=1" in message and fake not in message
+
+
+def test_push_only_when_asked_with_a_token_and_online(monkeypatch, tmp_path):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    assert "push_to_hub is False" in hub.push_adapter(tmp_path, "me/adapter", push=False)
+    assert "hub_repo_id is empty" in hub.push_adapter(tmp_path, "", push=True)
+    assert "no token" in hub.push_adapter(tmp_path, "me/adapter", push=True)
+    monkeypatch.setenv("HF_TOKEN", "hf_FAKEtoken1234567890abcdef")
+    message = hub.push_adapter(tmp_path, "me/adapter", push=True)
+    assert "offline" in message and "hf_FAKE" not in message
