@@ -192,3 +192,19 @@ def test_model_card_describes_the_run(run):
     assert (run_dir / "adapter" / "loss.png").exists()
     executed = (run_dir / "notebooks" / "06_inference.ipynb").read_text()
     assert "Not pushing: push_to_hub is False" in executed
+
+
+def test_gguf_export_runs_in_llama_cpp(run):
+    run_dir, _ = run
+    for name in ("model-F16.gguf", "model-Q8_0.gguf", "model-Q4_K_M.gguf", "Modelfile"):
+        assert (run_dir / "gguf" / name).exists(), name
+    assert (run_dir / "gguf" / "Modelfile").read_text().startswith("FROM ./model-Q4_K_M.gguf")
+    executed = nbformat.read(run_dir / "notebooks" / "06_inference.ipynb", as_version=4)
+    table = next(
+        o["data"]["text/plain"]
+        for c in executed.cells
+        if c.cell_type == "code" and "llama_cpp" in c.source
+        for o in c.outputs
+        if o.get("output_type") == "display_data"
+    )
+    assert "False" not in table and table.count("True") == 8  # same token ids and same answers, 4 questions
