@@ -24,6 +24,18 @@ def main(argv: list[str] | None = None) -> int:
         help="override a notebook parameter, e.g. -p lora_r=4 (repeatable)",
     )
 
+    planner = commands.add_parser("plan", help="trainable parameters and estimated peak memory, before loading")
+    planner.add_argument("--preset", default="tiny")
+    planner.add_argument(
+        "-p",
+        "--parameter",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="override a setting, e.g. -p lora_r=16 -p max_length=2048",
+    )
+    planner.add_argument("--json", action="store_true", help="print the plan as JSON")
+
     images = commands.add_parser("images", help="redraw the diagrams in images/")
     images.add_argument("--out", default="images")
 
@@ -41,6 +53,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nerror: {error}", file=sys.stderr)
             return 1
         runner.print_summary(summary)
+    elif args.command == "plan":
+        import json
+
+        from lora_helpers import course as runner
+        from lora_helpers import plan
+
+        result = plan.plan_for_preset(args.preset, **runner.parse_parameters(args.parameter))
+        print(json.dumps(result, indent=2) if args.json else plan.format_plan(result))
     elif args.command == "images":
         from lora_helpers import plots
 

@@ -1,0 +1,158 @@
+"""Will it fit? Trainable parameters and peak training memory, from a model's config.json alone.
+
+Taught in notebook 03 (section "Will it fit?"); also ``python -m lora_helpers plan --preset NAME``.
+The model is built on the meta device (shapes, no memory), so the parameter
+count is exact; the memory is an estimate with a documented breakdown:
+
+- quantized weights: the linear layers in NF4 (4.127 bits per weight with double quantization);
+- 16-bit parts: embeddings, output head and norms, never quantized;
+- LoRA: weights, gradients and AdamW's two moments, all fp32 (4 + 4 + 8 bytes per parameter);
+- activations: what the backward pass keeps per token, per layer (16-bit); with gradient checkpointing
+  only each layer's input is kept, and one layer's activations are rebuilt at a time;
+- logits: batch x length x vocabulary in fp32, and their gradient;
+- overhead: the CUDA context and allocator slack (0.5 GB + 10%).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lora_helpers import lora, memory, presets
+
+CONFIGS_DIR = Path(__file__).parent / "configs"
+# Shipped config.json files, so the planner works offline for every preset's architecture.
+SHIPPED = {
+    "NousResearch/Llama-2-7b-chat-hf": "llama-2-7b",
+    "meta-llama/Llama-2-7b-chat-hf": "llama-2-7b",
+    "meta-llama/Llama-3.2-3B-Instruct": "llama-3.2-3b",
+    "meta-llama/Llama-3.2-3B": "llama-3.2-3b",
+    "meta-llama/Llama-3.1-8B-Instruct": "llama-3.1-8b",
+    "meta-llama/Meta-Llama-3.1-8B": "llama-3.1-8b",
+}
+GPU_SIZES_GB = (15, 24, 40, 80)
+GB = 2**30
+
+
+def load_config(model_id: str):
+    """The model's config: shipped for the presets' models, the tiny model's own, or read from the Hub/a folder."""
+    from transformers import AutoConfig, LlamaConfig
+
+    if model_id in SHIPPED:
+        return LlamaConfig(**json.loads((CONFIGS_DIR / f"{SHIPPED[model_id]}.json").read_text()))
+    from lora_helpers import models
+
+    return AutoConfig.from_pretrained(models.resolve_model_path(model_id))
+
+
+def meta_model(config):
+    """The model with every tensor on the meta device: real shapes, no memory, built in a second."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    model.tie_weights()  # Llama-3.2 shares its embedding with the output head; on meta it must be tied by hand
+    return model
+
+
+def activation_bytes_per_token_per_layer(config) -> int:
+    """16-bit tensors the backward pass keeps for one token in one decoder layer (norm outputs, q/k/v,
+    attention output, residuals, the MLP's gate, up, activation and down input)."""
+    h, i = config.hidden_size, config.intermediate_size
+    head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    kv = (config.num_key_value_heads or config.num_attention_heads) * head_dim
+    return 2 * (6 * h + 2 * kv + 4 * i)
+
+
+def plan(settings) -> dict:
+    """Trainable parameters and the estimated peak training memory (bytes, by part) for these settings."""
+    config = load_config(settings.model_id)
+    model = meta_model(config)
+    targets = lora.resolve_target_modules(model, settings.target_modules)
+    trainable = lora.lora_parameter_count(model, settings.lora_r, targets)
+    total = lora.base_parameter_count(model)
+    quantizable = sum(m.in_features * m.out_features for m in lora.linear_layers(model).values())
+    tokens = settings.per_device_train_batch_size * settings.max_length
+    per_layer = activation_bytes_per_token_per_layer(config) * tokens
+    layers = config.num_hidden_layers
+    with_checkpointing = layers * tokens * config.hidden_size * 2 + per_layer
+    without_checkpointing = layers * per_layer
+    parts = {
+        "quantized weights": quantizable * (memory.NF4_BITS_PER_WEIGHT if settings.load_in_4bit else 16) / 8,
+        "16-bit parts": (total - quantizable) * 2,
+        "LoRA weights+grads+Adam": trainable * 16,
+        "activations": with_checkpointing if settings.gradient_checkpointing else without_checkpointing,
+        "logits": tokens * config.vocab_size * 4 * 2,
+    }
+    parts["overhead"] = 0.5 * GB + 0.1 * sum(parts.values())
+    peak = sum(parts.values())
+    return {
+        "model_id": settings.model_id,
+        "parameters": total,
+        "trainable": trainable,
+        "trainable_share_%": 100 * trainable / total,
+        "targets": targets,
+        "parts_gb": {k: v / GB for k, v in parts.items()},
+        "activations_gb": {"with checkpointing": with_checkpointing / GB, "without": without_checkpointing / GB},
+        "peak_gb": peak / GB,
+        "fits_gb": {size: peak / GB <= size * 0.95 for size in GPU_SIZES_GB},
+        "advice": advice(settings, peak / GB, parts),
+    }
+
+
+def advice(settings, peak_gb: float, parts: dict) -> list[str]:
+    """What to change, largest saving first, when the plan does not fit a 15 GB T4."""
+    if peak_gb <= 15 * 0.95:
+        return []
+    tips = []
+    if not settings.gradient_checkpointing:
+        tips.append("turn on gradient_checkpointing (activations shrink to about one layer's worth)")
+    if not settings.load_in_4bit:
+        tips.append("load_in_4bit=True (weights shrink about 3.5x)")
+    if settings.per_device_train_batch_size > 1:
+        tips.append(
+            f"per_device_train_batch_size={settings.per_device_train_batch_size} -> 1, "
+            "raising gradient_accumulation_steps to keep the effective batch"
+        )
+    tips.append(f"max_length={settings.max_length} -> {settings.max_length // 2} (activations and logits halve)")
+    return tips
+
+
+def format_plan(result: dict) -> str:
+    lines = [
+        f"{result['model_id']}: {result['parameters']:,} parameters, {result['trainable']:,} trainable "
+        f"({result['trainable_share_%']:.3f}%) on {', '.join(result['targets'])}",
+        "estimated peak training memory:",
+    ]
+    lines += [f"  {name:<24} {gb:8.2f} GB" for name, gb in result["parts_gb"].items()]
+    lines.append(f"  {'total':<24} {result['peak_gb']:8.2f} GB")
+    lines.append("  fits: " + ", ".join(f"{gb} GB {'yes' if ok else 'no'}" for gb, ok in result["fits_gb"].items()))
+    lines += [f"  to fit a 15 GB T4: {tip}" for tip in result["advice"]]
+    return "\n".join(lines)
+
+
+def plot_plan(result: dict):
+    """One stacked bar of the estimate, with lines at the usual GPU sizes."""
+    from lora_helpers import plots
+
+    plt = plots._pyplot()
+    fig, ax = plt.subplots(figsize=(7, 2.6))
+    left = 0.0
+    for name, gb in result["parts_gb"].items():
+        ax.barh([0], [gb], left=left, label=f"{name} ({gb:.2f} GB)")
+        left += gb
+    for size in GPU_SIZES_GB:
+        if size < left * 3:
+            ax.axvline(size, color="crimson", linestyle="--")
+            ax.text(size, 0.45, f"{size} GB", color="crimson", ha="center", fontsize=8)
+    ax.set_yticks([])
+    ax.set_xlabel("GB")
+    ax.set_title(f"Estimated peak training memory: {result['model_id']}")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.35), ncol=3)
+    fig.tight_layout()
+    return fig
+
+
+def plan_for_preset(name: str, **overrides) -> dict:
+    return plan(presets.resolve_settings(name, **overrides))
