@@ -36,6 +36,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     planner.add_argument("--json", action="store_true", help="print the plan as JSON")
 
+    bench = commands.add_parser("bench", help="the course's training recipe against seed 000's, as ratios")
+    bench.add_argument("--model", choices=["tiny", "mid"], default="tiny")
+    bench.add_argument("--steps", type=int, default=20)
+    bench.add_argument("--out", default="runs/bench", help="where bench.json and bench.md go")
+
     images = commands.add_parser("images", help="redraw the diagrams in images/")
     images.add_argument("--out", default="images")
 
@@ -61,6 +66,13 @@ def main(argv: list[str] | None = None) -> int:
 
         result = plan.plan_for_preset(args.preset, **runner.parse_parameters(args.parameter))
         print(json.dumps(result, indent=2) if args.json else plan.format_plan(result))
+    elif args.command == "bench":
+        from lora_helpers import bench as benchmark
+
+        result = benchmark.benchmark(args.model, args.steps)
+        for path in benchmark.write_results(result, args.out):
+            print("wrote", path)
+        print(benchmark.markdown_table(result))
     elif args.command == "images":
         from lora_helpers import plots
 

@@ -27,6 +27,11 @@ ARTIFACTS = {
 }
 
 
+# On the tiny preset every cell takes seconds: one running 10 minutes has hung, and fails rather than blocking
+# CI. Real presets train for an hour in one cell, so they get no limit.
+TINY_CELL_TIMEOUT_S = 600
+
+
 class NotebookFailed(RuntimeError):
     """A notebook raised: which one, in which cell, with which error."""
 
@@ -124,6 +129,7 @@ def run_course(
                 parameters=given,
                 kernel_name="python3",
                 cwd=str(NOTEBOOKS_DIR),
+                execution_timeout=TINY_CELL_TIMEOUT_S if preset == "tiny" else None,
                 progress_bar=False,
                 log_output=False,
             )

@@ -71,3 +71,25 @@ def max_difference(logits_a: list, logits_b: list) -> float:
 def max_logit_difference(model_a, model_b, tokenizer, prompts: list[str]) -> float:
     """Largest |logit_a - logit_b| over the prompts' tokens: notebook 05's check that a merge changed nothing."""
     return max_difference(prompt_logits(model_a, tokenizer, prompts), prompt_logits(model_b, tokenizer, prompts))
+
+
+def generation_speed(model, tokenizer, prompt: str, new_tokens: int = 64, repeats: int = 2) -> float:
+    """Generated tokens per second for one prompt, greedy, always ``new_tokens`` long (notebook 06)."""
+    import time
+
+    import torch
+
+    batch = tokenizer(prompt, return_tensors="pt").to(model.device)
+    kwargs = dict(
+        max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+    )
+    with torch.no_grad():
+        model.generate(**batch, **kwargs)  # warm-up: kernels, caches
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            model.generate(**batch, **kwargs)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    return new_tokens * repeats / (time.perf_counter() - start)
