@@ -1,19 +1,25 @@
 from lora_helpers import plots
 
 HISTORY = [
-    {"loss": 3.0, "step": 5},
-    {"loss": 2.0, "step": 10},
+    {"loss": 3.0, "learning_rate": 2e-4, "step": 5},
+    {"loss": 2.0, "learning_rate": 1e-4, "step": 10},
     {"eval_loss": 2.5, "step": 10},
     {"train_loss": 2.5, "step": 10},
 ]
 
 
 def test_loss_curves_from_log_history():
-    assert plots.loss_curves(HISTORY) == {"train": [(5, 3.0), (10, 2.0)], "eval": [(10, 2.5)]}
+    assert plots.loss_curves(HISTORY) == {
+        "train": [(5, 3.0), (10, 2.0)],
+        "eval": [(10, 2.5)],
+        "learning_rate": [(5, 2e-4), (10, 1e-4)],
+    }
 
 
 def test_plot_loss_writes_a_png(tmp_path):
-    plots.plot_loss(HISTORY, tmp_path / "loss.png")
+    fig = plots.plot_loss(HISTORY, tmp_path / "loss.png")
+    assert len(fig.axes) == 2  # loss (with eval perplexity) above, learning rate below
+    assert any("perplexity" in t.get_text() for t in fig.axes[0].texts)
     assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
 
 
