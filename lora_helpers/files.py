@@ -9,6 +9,7 @@ disk) leaves the previous version as it was.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -23,6 +24,9 @@ def atomic_dir(destination: str | Path):
     destination = Path(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{destination.name}.partial-", dir=destination.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private (0700); the result is an ordinary folder
     try:
         yield tmp
     except BaseException:
@@ -63,7 +67,6 @@ def check_free_space(directory: str | Path, needed_bytes: int, what: str) -> Non
 def write_json(path: str | Path, content) -> Path:
     """Write JSON through a temporary file and an atomic rename: readers see the old file or the new, never half."""
     import json
-    import os
 
     path = Path(path)
     tmp = path.with_name(f".{path.name}.partial")

@@ -11,6 +11,7 @@ def test_atomic_dir_replaces_the_destination_when_complete(tmp_path):
     with files.atomic_dir(tmp_path / "adapter") as tmp:
         (tmp / "new.txt").write_text("new")
     assert [p.name for p in (tmp_path / "adapter").iterdir()] == ["new.txt"]
+    assert (tmp_path / "adapter").stat().st_mode & 0o055 == 0o055 & ~_umask()  # readable like any folder
     assert [p.name for p in tmp_path.iterdir()] == ["adapter"]  # no temporary folder left behind
 
 
@@ -61,3 +62,11 @@ def test_write_json_keeps_the_old_file_when_the_new_content_fails(tmp_path):
         files.write_json(tmp_path / "summary.json", {"status": object()})
     assert (tmp_path / "summary.json").read_text() == '{\n  "status": "ok"\n}'
     assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
