@@ -133,20 +133,20 @@ def run_course(
                 progress_bar=False,
                 log_output=False,
             )
-        except PapermillExecutionError as error:
+        except Exception as error:  # a cell that raised, or one that hung past its timeout
+            cell, kind, message = (
+                (error.exec_count, error.ename, error.evalue)
+                if isinstance(error, PapermillExecutionError)
+                else ("?", type(error).__name__, str(error).strip().splitlines()[0] if str(error).strip() else "")
+            )
             seconds = round(time.time() - start, 1)
             summary["notebooks"].append({"name": notebook.name, "seconds": seconds, "status": "failed"})
             summary["status"] = "failed"
-            summary["error"] = {
-                "notebook": notebook.name,
-                "cell": error.exec_count,
-                "type": error.ename,
-                "message": error.evalue,
-            }
+            summary["error"] = {"notebook": notebook.name, "cell": cell, "type": kind, "message": message}
             write_summary(run_dir, summary, time.time() - total_start)
             echo(f"FAILED after {seconds} s")
             raise NotebookFailed(
-                f"{notebook.name} failed in cell [{error.exec_count}]: {error.ename}: {error.evalue}\n"
+                f"{notebook.name} failed in cell [{cell}]: {kind}: {message}\n"
                 f"The executed notebook, with the traceback, is {out_dir / notebook.name}."
             ) from None
         seconds = round(time.time() - start, 1)

@@ -39,3 +39,10 @@ def test_a_failing_notebook_names_the_cell_and_error(tmp_path):
         course.run_course("tiny", tmp_path, only=["02"], params={"load_in_4bit": "maybe"})
     summary = (tmp_path / "summary.json").read_text()
     assert '"status": "failed"' in summary and "TypeError" in summary
+
+
+def test_a_hung_cell_fails_with_the_notebook_named(tmp_path, monkeypatch):
+    monkeypatch.setattr(course, "TINY_CELL_TIMEOUT_S", 1)
+    with pytest.raises(course.NotebookFailed, match=r"01_setup.ipynb failed in cell \[\?\]: CellTimeoutError"):
+        course.run_course("tiny", tmp_path, only=["01"])
+    assert '"status": "failed"' in (tmp_path / "summary.json").read_text()
