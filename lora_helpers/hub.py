@@ -23,9 +23,17 @@ def token_from_colab_secrets() -> str | None:
         return None
 
 
+def find_token() -> str | None:
+    """The Hub token: ``HF_TOKEN`` (or ``HUGGING_FACE_HUB_TOKEN``) in the environment, else the Colab secret.
+
+    Each Colab notebook runs in its own runtime, so every notebook looks here, not only notebook 01.
+    """
+    return os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN") or token_from_colab_secrets() or None
+
+
 def login_from_environment() -> str:
     """Use HF_TOKEN from the environment or Colab secrets; return what happened, without the token."""
-    token = os.environ.get("HF_TOKEN") or token_from_colab_secrets()
+    token = find_token()
     if not token:
         return (
             "No Hugging Face token found: public models work; gated ones (meta-llama/...) need HF_TOKEN "
@@ -116,7 +124,7 @@ def push_adapter(adapter_dir, repo_id: str, push: bool) -> str:
         return "Not pushing: push_to_hub is False. The card is written; set push_to_hub=True and hub_repo_id to share."
     if not repo_id:
         return "Not pushing: hub_repo_id is empty (e.g. 'your-name/llama2-about-me-lora')."
-    token = os.environ.get("HF_TOKEN") or token_from_colab_secrets()
+    token = find_token()
     if not token:
         return "Not pushing: no token. Set HF_TOKEN (Colab: a secret named HF_TOKEN) with write access."
     if os.environ.get("HF_HUB_OFFLINE") == "1":

@@ -21,8 +21,10 @@ def resolve_model_path(model_id: str) -> str:
 
 
 def hub_token() -> str | None:
-    """The Hugging Face token from the environment (HF_TOKEN), if any. Never print it."""
-    return os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN") or None
+    """The Hugging Face token (environment or Colab secret, see ``hub.find_token``), if any. Never print it."""
+    from lora_helpers import hub
+
+    return hub.find_token()
 
 
 def explain_load_error(model_id: str, error: Exception) -> Exception:
