@@ -128,18 +128,18 @@ def format_llama2(messages: list[dict], bos: str = "<s>", eos: str = "</s>") -> 
 
 def render_chat(messages: list[dict], tokenizer, chat_format: str, add_generation_prompt: bool = False) -> str:
     """Render messages as text: ``llama2`` by the function above, ``template`` by the tokenizer's template."""
-    if chat_format == "llama2":
-        return format_llama2(messages, tokenizer.bos_token or "<s>", tokenizer.eos_token or "</s>")
+    if chat_format not in ("llama2", "template"):
+        raise ValueError(f"Unknown chat_format {chat_format!r}: use 'llama2' or 'template'.")
     if chat_format == "template":
-        if not tokenizer.chat_template:  # base models: the documented default is the Llama-2 format
-            warnings.warn(
-                "This tokenizer has no chat template (a base model?): using the Llama-2 format. "
-                "Use the same chat_format when you generate.",
-                stacklevel=2,
-            )
-            return format_llama2(messages, tokenizer.bos_token or "<s>", tokenizer.eos_token or "</s>")
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-    raise ValueError(f"Unknown chat_format {chat_format!r}: use 'llama2' or 'template'.")
+        if tokenizer.chat_template:
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        # Base models: the documented default is the Llama-2 format.
+        warnings.warn(
+            "This tokenizer has no chat template (a base model?): using the Llama-2 format. "
+            "Use the same chat_format when you generate.",
+            stacklevel=2,
+        )
+    return format_llama2(messages, tokenizer.bos_token or "<s>", tokenizer.eos_token or "</s>")
 
 
 def tokenizer_adds_bos(tokenizer) -> bool:
@@ -252,11 +252,8 @@ def length_report(dataset, tokenizer, max_length: int) -> dict:
     Truncated: the example loses the end of its answer and its EOS. Dropped: the prompt alone fills
     ``max_length``, no answer token is left, and the trainer skips the example.
     """
-    lengths, dropped = [], 0
-    for example in dataset:
-        prompt_tokens = len(tokenizer(example["prompt"])["input_ids"])
-        lengths.append(len(tokenizer(example["prompt"] + example["completion"])["input_ids"]))
-        dropped += prompt_tokens >= max_length
+    lengths = token_lengths(dataset, tokenizer)
+    dropped = sum(len(tokenizer(example["prompt"])["input_ids"]) >= max_length for example in dataset)
     truncated = check_lengths(lengths, max_length)
     return {
         "examples": len(lengths),
