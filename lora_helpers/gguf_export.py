@@ -23,6 +23,10 @@ import numpy as np
 
 FILE_TYPES = ("F32", "F16", "Q8_0")  # written here; Q4_K_M is made from F16 by llama.cpp (quantize_gguf)
 LLAMA3_SPLIT = "(?i:'s|'t|'re|'ve|'m|'ll|'d)"  # the start of Llama-3's pre-tokenizer regex
+NOT_BYTE_LEVEL_BPE = (
+    "The tokenizer is not byte-level BPE (Llama-2 uses SentencePiece). For such models use llama.cpp's "
+    "converter, as seed 002 does: python convert_hf_to_gguf.py run_dir/merged --outfile model.gguf"
+)
 
 TENSOR_NAMES = {
     "model.embed_tokens.weight": "token_embd.weight",
@@ -67,10 +71,7 @@ def pre_tokenizer_name(tokenizer_json: dict) -> str:
         return "llama-bpe"
     if '"ByteLevel"' in text:
         return "gpt-2"
-    raise ValueError(
-        "The tokenizer is not byte-level BPE (Llama-2 uses SentencePiece). For such models use llama.cpp's "
-        "converter, as seed 002 does: python convert_hf_to_gguf.py run_dir/merged --outfile model.gguf"
-    )
+    raise ValueError(NOT_BYTE_LEVEL_BPE)
 
 
 def _tokenizer_metadata(writer, merged_dir: Path, tokenizer) -> None:
@@ -78,7 +79,7 @@ def _tokenizer_metadata(writer, merged_dir: Path, tokenizer) -> None:
 
     tokenizer_json = json.loads((merged_dir / "tokenizer.json").read_text())
     if tokenizer_json["model"]["type"] != "BPE" or not tokenizer_json["model"].get("merges"):
-        pre_tokenizer_name({})  # raises the SentencePiece explanation
+        raise ValueError(NOT_BYTE_LEVEL_BPE)
     vocab = tokenizer.get_vocab()
     tokens = [None] * len(vocab)
     for token, index in vocab.items():
