@@ -136,7 +136,7 @@ def plot_plan(result: dict):
     """One stacked bar of the estimate, with lines at the usual GPU sizes."""
     from lora_helpers import plots
 
-    plt = plots._pyplot()
+    plt = plots.pyplot()
     fig, ax = plt.subplots(figsize=(7, 2.6))
     left = 0.0
     for name, gb in result["parts_gb"].items():

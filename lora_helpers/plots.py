@@ -9,10 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot, drawing off-screen (Agg) outside notebooks."""
     import matplotlib
 
-    if matplotlib.get_backend().lower() in ("agg", "") or not _in_notebook():
+    if not _in_notebook():
         matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -45,7 +46,7 @@ def plot_loss(log_history: list[dict], path: str | Path | None = None):
     """Training and eval loss (with eval perplexity) and the learning rate against steps; saved to ``path``."""
     import math
 
-    plt = _pyplot()
+    plt = pyplot()
     curves = loss_curves(log_history)
     fig, (ax, lr_ax) = plt.subplots(2, 1, figsize=(6.5, 5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     if curves["train"]:
@@ -78,7 +79,7 @@ def plot_loss(log_history: list[dict], path: str | Path | None = None):
 
 def plot_lengths(lengths: list[int], max_length: int, path: str | Path | None = None):
     """Histogram of tokens per example, with ``max_length`` marked and the share beyond it."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3))
     ax.hist(lengths, bins=min(40, max(5, len(set(lengths)))), color="#5b8def")
     share = sum(n > max_length for n in lengths) / len(lengths)
@@ -109,7 +110,7 @@ def loss_tokens_html(pieces: list[str], in_loss: list[bool]):
 
 def plot_memory(sizes_gb: dict[str, float], title: str, limit_gb: float | None = None):
     """Bar chart of model weight memory per precision, with an optional line at the GPU's size."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.2))
     bars = ax.bar(list(sizes_gb), list(sizes_gb.values()), color=["#9aa5b1", "#5b8def", "#2e7d32"][: len(sizes_gb)])
     ax.bar_label(bars, fmt="%.2f GB")
@@ -126,7 +127,7 @@ def draw_lora_diagram(path: str | Path):
     """Seed 000's LoRA diagram: frozen W beside trainable A (r x d) and B (d x r); h = Wx + (alpha/r)·BAx."""
     from matplotlib.patches import FancyArrowPatch, Rectangle
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2))
     ax.set_xlim(0, 10)
     ax.set_ylim(0, 7)
@@ -158,7 +159,7 @@ def draw_peft_comparison(path: str | Path):
     """Seed 003's comparison: pretraining, full fine-tuning and PEFT, by what is trained and what it costs."""
     from matplotlib.patches import Rectangle
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(10, 3.6))
     panels = [
         ("Pretraining", "all weights trained\nfrom random init\non trillions of tokens", "#c0392b", 0.0),
