@@ -17,6 +17,7 @@ memory (CUDA max allocated on a GPU, peak RSS on a CPU). Timings are ratios meas
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -86,7 +87,7 @@ def run_variant(variant: str, model: str, steps: int, batch_size: int, max_lengt
     net = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules=targets, task_type="CAUSAL_LM"))
     train, _, _, _ = training.prepare_datasets(settings, tokenizer)
     common = dict(
-        output_dir=str(Path(files.__file__).parent / ".bench-tmp"),
+        output_dir=tempfile.mkdtemp(prefix="lora-bench-"),  # save_strategy="no": nothing is kept there
         max_steps=steps,
         learning_rate=2e-4,
         per_device_train_batch_size=batch_size,
