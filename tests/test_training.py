@@ -1,14 +1,50 @@
 import pytest
 import torch
 from safetensors.torch import load_file
+from trl import SFTConfig
 
 from lora_helpers import presets, training
 
 
-def test_cpu_training_uses_fp32_and_plain_adamw():
+def test_cpu_training_uses_fp32_and_fused_adamw():
     assert training.precision_flags() == {"fp16": False, "bf16": False}
-    assert training.optimizer_for_device("paged_adamw_32bit") == "adamw_torch"
+    assert training.optimizer_for_device("paged_adamw_32bit") == "adamw_torch_fused"
     assert training.optimizer_for_device("adamw_torch") == "adamw_torch"
+
+
+def test_notebook_04_and_sft_config_set_the_same_arguments_to_the_same_values(tmp_path):
+    """Notebook 04 writes SFTConfig out; training.sft_config is its twin for reuse. They must not drift."""
+    import ast
+    import os
+
+    import nbformat
+
+    from lora_helpers import device
+
+    notebook = nbformat.read("notebooks/04_sft_training.ipynb", as_version=4)
+    source = next(c.source for c in notebook.cells if c.cell_type == "code" and "sft_config = SFTConfig(" in c.source)
+    call = next(
+        node.value
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "sft_config"
+    )
+    settings = presets.resolve_settings("tiny", early_stopping_patience=2)
+    for has_eval in (True, False):
+        namespace = {
+            "settings": settings,
+            "training": training,
+            "device": device,
+            "torch": torch,
+            "os": os,
+            "run_dir": tmp_path,
+            "eval_dataset": object() if has_eval else None,
+            "early_stopping": has_eval,
+        }
+        taught = {k.arg: eval(compile(ast.Expression(k.value), "nb", "eval"), namespace) for k in call.keywords}
+        helper = training.sft_config(settings, tmp_path / "checkpoints", has_eval, report_to="tensorboard")
+        assert set(taught) >= {"train_sampling_strategy", "gradient_checkpointing_kwargs", "optim", "fp16"}
+        taught_config, helper_config = SFTConfig(**taught).to_dict(), helper.to_dict()
+        assert {k for k in taught_config if taught_config[k] != helper_config[k]} == set()
 
 
 def test_prepare_datasets_splits_and_formats(tiny_tokenizer):
