@@ -37,8 +37,16 @@ def main(argv: list[str] | None = None) -> int:
     planner.add_argument("--json", action="store_true", help="print the plan as JSON")
 
     bench = commands.add_parser("bench", help="the course's training recipe against seed 000's, as ratios")
-    bench.add_argument("--model", choices=["tiny", "mid"], default="tiny")
-    bench.add_argument("--steps", type=int, default=20)
+    bench.add_argument(
+        "--model",
+        choices=["tiny", "mid", "llama-2-7b", "llama-3.2-3b", "llama-3.1-8b"],
+        default="tiny",
+        help="tiny and mid run on a CPU; the others are random-weight models with those exact shapes (GPU only)",
+    )
+    bench.add_argument("--preset", default=None, help="the settings to measure (default: tiny, or the shape's preset)")
+    bench.add_argument("--steps", type=int, default=20, help="timed optimizer steps, after 3 untimed ones")
+    bench.add_argument("--batch-size", type=int, default=None)
+    bench.add_argument("--max-length", type=int, default=None)
     bench.add_argument("--out", default="runs/bench", help="where bench.json and bench.md go")
 
     images = commands.add_parser("images", help="redraw the diagrams in images/")
@@ -69,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "bench":
         from lora_helpers import bench as benchmark
 
-        result = benchmark.benchmark(args.model, args.steps)
+        result = benchmark.benchmark(args.model, args.preset, args.steps, args.batch_size, args.max_length)
         for path in benchmark.write_results(result, args.out):
             print("wrote", path)
         print(benchmark.markdown_table(result))

@@ -1,17 +1,24 @@
 """A training benchmark: the course's recipe against seed 000's plain recipe, run side by side, as ratios.
 
-``python -m lora_helpers bench [--model tiny|mid] [--steps N]`` writes ``bench.json`` and ``bench.md``.
-Both variants train the same 4-bit model with the same LoRA settings on the same
-data for the same number of optimizer steps, each in a fresh process (so that
-peak memory is its own):
+``python -m lora_helpers bench [--model tiny|mid|llama-2-7b|llama-3.2-3b|llama-3.1-8b] [--preset NAME]``
+writes ``bench.json`` and ``bench.md``. Every variant trains the same 4-bit model with the same LoRA settings,
+gradient checkpointing and batch size for the same number of optimizer steps, each in a fresh process (so that
+its peak memory is its own):
 
 - baseline (seed 000): ``Trainer`` + ``DataCollatorForLanguageModeling``, every example padded to
-  ``max_length``, loss on every token, random batches;
-- course: ``SFTTrainer``, each batch padded only to its longest example, batches grouped by length,
-  loss on the answers.
+  ``max_length``, transformers' default attention, random batches, loss on every token;
+- course: notebook 04's recipe (``training.sft_config``): ``SFTTrainer``, each batch padded only to its longest
+  example, batches grouped by length, the device's attention and optimizer, loss on the answers;
+- course at max_length: the course's recipe on examples that all fill ``max_length`` (the worst case, which
+  the memory planner estimates), to compare the planner's estimate with a measured peak.
 
-Reported: optimizer steps per second, real (non-pad) tokens per second, supervised tokens per second, and peak
-memory (CUDA max allocated on a GPU, peak RSS on a CPU). Timings are ratios measured in one run on one machine.
+Models: ``tiny`` (the course's), ``mid`` (a 15M-parameter Llama), and, for a GPU, random-weight models with the
+exact shapes of Llama-2-7B, Llama-3.2-3B and Llama-3.1-8B, written from the shipped ``config.json`` files (no
+download), loaded through the same 4-bit ``from_pretrained`` path as the notebooks.
+
+Reported: optimizer steps per second, tokens per second (real, supervised, and all including padding), counted
+from what the model is really given, over the steps after ``WARMUP_STEPS``; peak memory (CUDA max reserved and
+max allocated on a GPU, peak RSS on a CPU). Timings are ratios measured in one run on one machine.
 """
 
 from __future__ import annotations
@@ -21,167 +28,313 @@ import tempfile
 import time
 from pathlib import Path
 
-from lora_helpers import files, presets
+from lora_helpers import files, plan, presets
 
 MID_CONFIG = dict(
     hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4
 )
+SHAPED = {"llama-2-7b": "llama2-7b-about-me", "llama-3.2-3b": "llama3.2-3b", "llama-3.1-8b": "llama3.1-8b"}
+MODELS = ("tiny", "mid", *SHAPED)  # shaped models and the preset each is measured with by default
+VARIANTS = ("baseline", "course", "course at max_length")
+OFFLINE_DATASET = "package:guanaco_llama2_sample.jsonl"  # for presets whose dataset is on the Hub
+WARMUP_STEPS = 3  # not timed: the first steps allocate, warm caches and build kernels
+GB = 2**30
 
 
-def mid_model_dir() -> Path:
-    """A mid-size Llama (about 15M parameters, random weights) with the tiny tokenizer, built once and cached."""
+def write_random_model(config, target: Path, tokenizer, max_shard_bytes: int = 2 * GB) -> Path:
+    """A Llama with random weights and this ``config``'s exact shapes, written as fp16 safetensors shards.
+
+    Tensors are made one at a time from the model's shapes on the meta device, so a 7B model needs about one
+    shard of memory, not 13 GB. Linear and embedding weights ~ N(0, initializer_range); norms are ones.
+    """
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from accelerate import init_empty_weights
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
 
-    from lora_helpers import tiny
-
-    target = tiny.cache_root() / "mid-llama-v1"
-    if (target / "config.json").exists():
-        return target
-    tokenizer = tiny.build_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-        **MID_CONFIG,
-    )
-    torch.manual_seed(0)
+    with init_empty_weights():
+        shapes = {name: t.shape for name, t in AutoModelForCausalLM.from_config(config).state_dict().items()}
+    if config.tie_word_embeddings:
+        shapes.pop("lm_head.weight", None)
+    shards, current, size = [], [], 0
+    for name, shape in shapes.items():
+        nbytes = 2 * shape.numel()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(name)
+        size += nbytes
+    shards.append(current)
+    generator = torch.Generator().manual_seed(0)
+    weight_map = {}
     with files.atomic_dir(target) as tmp:
-        LlamaForCausalLM(config).save_pretrained(tmp)
+        for index, names in enumerate(shards, 1):
+            filename = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
+            tensors = {}
+            for name in names:
+                if name.endswith("norm.weight"):
+                    tensors[name] = torch.ones(shapes[name], dtype=torch.float16)
+                else:
+                    std = config.initializer_range
+                    tensors[name] = torch.randn(shapes[name], generator=generator).mul_(std).half()
+                weight_map[name] = filename
+            save_file(tensors, Path(tmp) / filename, metadata={"format": "pt"})
+        total = sum(2 * shapes[name].numel() for name in weight_map)
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (Path(tmp) / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return target
 
 
-def _peak_memory_bytes() -> int:
+def model_dir(model: str) -> str:
+    """The model to benchmark: ``tiny`` as it is, the others built once (random weights) and cached."""
+    from transformers import LlamaConfig
+
+    from lora_helpers import tiny
+
+    if model == "tiny":
+        return "tiny"
+    if model not in MODELS:
+        raise ValueError(f"Unknown benchmark model {model!r}. Choose one of: {', '.join(MODELS)}.")
+    target = tiny.cache_root() / f"bench-{model}-v2"
+    if (target / "config.json").exists():
+        return str(target)
+    tokenizer = tiny.build_tokenizer()
+    special = dict(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
+    if model == "mid":
+        config = LlamaConfig(
+            vocab_size=len(tokenizer), max_position_embeddings=512, tie_word_embeddings=False, **MID_CONFIG, **special
+        )
+    else:  # the real shapes, and the real vocabulary size (the tiny tokenizer's ids are all below it)
+        config = plan.load_config(presets.get_preset(SHAPED[model]).model_id)
+        config.update(special)
+    return str(write_random_model(config, target, tokenizer))
+
+
+def full_length_dataset(tokenizer, n: int, max_length: int):
+    """``n`` pre-tokenized examples of exactly ``max_length`` tokens, the second half the answer: the worst case."""
+    from datasets import Dataset
+
+    from lora_helpers import data
+
+    answers = [ex["messages"][-1]["content"] for ex in data.load_examples("package:about_me.jsonl")]
+    ids = [i for answer in answers for i in tokenizer(answer, add_special_tokens=False)["input_ids"]]
+    ids = (ids * (max_length // len(ids) + 2))[: max_length - 1]
+    row = [tokenizer.bos_token_id, *ids]
+    mask = [0] * (max_length // 2) + [1] * (max_length - max_length // 2)
+    return Dataset.from_dict({"input_ids": [row] * n, "completion_mask": [mask] * n})
+
+
+class _Meter:
+    """Counts the tokens of every batch the model is given and times the steps after the warm-up."""
+
+    def __init__(self, warmup: int):
+        from transformers import TrainerCallback
+
+        self.warmup, self.batches, self.start, self.seconds = warmup, [], None, None
+        meter = self
+
+        class Callback(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if state.global_step == meter.warmup:
+                    meter.start, meter.first = time.perf_counter(), len(meter.batches)
+
+            def on_train_end(self, args, state, control, **kwargs):
+                meter.seconds = time.perf_counter() - meter.start
+
+        self.callback = Callback()
+
+    def hook(self, module, args, kwargs):
+        ids, mask, labels = kwargs["input_ids"], kwargs.get("attention_mask"), kwargs.get("labels")
+        self.batches.append(
+            {
+                "all": ids.numel(),
+                "real": int(mask.sum()) if mask is not None else ids.numel(),
+                "supervised": int((labels != -100).sum()) if labels is not None else 0,
+            }
+        )
+
+    def totals(self) -> dict:
+        timed = self.batches[self.first :]
+        return {key: sum(b[key] for b in timed) for key in ("all", "real", "supervised")}
+
+
+def _peak_memory() -> dict:
     import resource
 
     import torch
 
     if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+        return {
+            "peak_memory_mb": torch.cuda.max_memory_reserved() / 2**20,
+            "peak_allocated_mb": torch.cuda.max_memory_allocated() / 2**20,
+        }
+    return {"peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # kB on Linux
 
 
-def run_variant(variant: str, model: str, steps: int, batch_size: int, max_length: int) -> dict:
-    """Train ``steps`` optimizer steps with one recipe; return its measurements."""
+def run_variant(variant: str, model: str, preset: str, steps: int, batch_size: int | None, max_length: int | None):
+    """Train ``steps`` optimizer steps (after ``WARMUP_STEPS`` untimed ones) with one recipe; return measurements."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
     from lora_helpers import device, lora, models, training
 
-    model_id = str(mid_model_dir()) if model == "mid" else "tiny"
+    overrides = {"per_device_train_batch_size": batch_size, "max_length": max_length}
+    dataset = presets.get_preset(preset).dataset
+    if not dataset.startswith("package:"):  # no download: shipped examples of varied lengths instead
+        overrides["dataset"] = OFFLINE_DATASET
     settings = presets.resolve_settings(
-        "tiny", model_id=model_id, per_device_train_batch_size=batch_size, max_length=max_length, eval_fraction=0.0
+        preset, model_id=model_dir(model), gradient_accumulation_steps=1, eval_fraction=0.0, **overrides
     )
     device.seed_everything(0)
-    tokenizer = models.load_tokenizer(model_id)
-    base = prepare_model_for_kbit_training(
-        models.load_model(model_id, load_in_4bit=True), use_gradient_checkpointing=False
+    tokenizer = models.load_tokenizer(settings.model_id)
+    base = models.load_model(
+        settings.model_id, load_in_4bit=True, attn_implementation=None if variant == "baseline" else "auto"
     )
-    targets = lora.resolve_target_modules(base, "all-linear")
-    net = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules=targets, task_type="CAUSAL_LM"))
+    weights_mb = base.get_memory_footprint() / 2**20
+    base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=settings.gradient_checkpointing)
+    config = LoraConfig(
+        r=settings.lora_r,
+        lora_alpha=settings.lora_alpha,
+        target_modules=lora.resolve_target_modules(base, settings.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    net = get_peft_model(base, config)
     train, _, _, _ = training.prepare_datasets(settings, tokenizer)
-    common = dict(
-        output_dir=tempfile.mkdtemp(prefix="lora-bench-"),  # save_strategy="no": nothing is kept there
-        max_steps=steps,
-        learning_rate=2e-4,
-        per_device_train_batch_size=batch_size,
-        logging_steps=steps,
-        save_strategy="no",
-        report_to="none",
-        seed=0,
-        dataloader_drop_last=True,
-        **training.precision_flags(),
-    )
+    meter = _Meter(WARMUP_STEPS)
+    net.register_forward_pre_hook(meter.hook, with_kwargs=True)
+    total_steps = steps + WARMUP_STEPS
+    scratch = tempfile.mkdtemp(prefix="lora-bench-")  # save_strategy="no": nothing is kept there
+    quiet = dict(max_steps=total_steps, logging_steps=total_steps, save_strategy="no", dataloader_drop_last=True)
     if variant == "baseline":
         tokenized = train.map(
             lambda ex: tokenizer(
-                ex["prompt"] + ex["completion"], padding="max_length", truncation=True, max_length=max_length
+                ex["prompt"] + ex["completion"], padding="max_length", truncation=True, max_length=settings.max_length
             ),
             remove_columns=train.column_names,
         )
+        args = TrainingArguments(
+            output_dir=scratch,
+            per_device_train_batch_size=settings.per_device_train_batch_size,
+            learning_rate=settings.learning_rate,
+            gradient_checkpointing=settings.gradient_checkpointing,  # the same in every variant
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+            optim=training.optimizer_for_device(settings.optim),
+            report_to="none",
+            seed=0,
+            **training.precision_flags(),
+            **quiet,
+        )
+        collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
         trainer = Trainer(
-            model=net,
-            args=TrainingArguments(**common),
-            train_dataset=tokenized,
-            data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+            model=net, args=args, train_dataset=tokenized, data_collator=collator, callbacks=[meter.callback]
         )
     else:
+        if variant == "course at max_length":
+            train = full_length_dataset(tokenizer, 4 * settings.per_device_train_batch_size, settings.max_length)
+        args = training.sft_config(settings, scratch, evaluation=False, **quiet)
         trainer = SFTTrainer(
-            model=net,
-            args=SFTConfig(**common, max_length=max_length, train_sampling_strategy="group_by_length"),
-            train_dataset=train,
-            processing_class=tokenizer,
+            model=net, args=args, train_dataset=train, processing_class=tokenizer, callbacks=[meter.callback]
         )
         training.adapter_weights_to_float32(trainer.model)
-    counts = {"real": 0, "supervised": 0, "padded": 0}
-    loader = trainer.get_train_dataloader()
-    for index, batch in enumerate(loader):  # what the trainer will see, counted once, outside the timing
-        if index >= steps:
-            break
-        counts["real"] += int(batch["attention_mask"].sum())
-        counts["padded"] += batch["input_ids"].numel()
-        counts["supervised"] += int((batch["labels"] != -100).sum())
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
     trainer.train()
-    seconds = time.perf_counter() - start
+    tokens, seconds = meter.totals(), meter.seconds
+    planned = plan.plan(settings, compute_bytes=torch.finfo(device.compute_dtype()).bits // 8)
     return {
         "variant": variant,
         "model": model,
+        "preset": preset,
         "steps": steps,
+        "dataset": settings.dataset,
+        "batch_size": settings.per_device_train_batch_size,
+        "max_length": settings.max_length,
+        "gradient_checkpointing": settings.gradient_checkpointing,
         "seconds": seconds,
-        "real_tokens": counts["real"],
-        "supervised_tokens": counts["supervised"],
-        "all_tokens": counts["padded"],
+        "real_tokens": tokens["real"],
+        "supervised_tokens": tokens["supervised"],
+        "all_tokens": tokens["all"],
         "seconds_per_step": seconds / steps,
-        "real_tokens_per_s": counts["real"] / seconds,
-        "supervised_tokens_per_s": counts["supervised"] / seconds,
-        "all_tokens_per_s": counts["padded"] / seconds,
-        "peak_memory_mb": _peak_memory_bytes() / 2**20,
+        "real_tokens_per_s": tokens["real"] / seconds,
+        "supervised_tokens_per_s": tokens["supervised"] / seconds,
+        "all_tokens_per_s": tokens["all"] / seconds,
+        "weights_mb": weights_mb,
+        "planned_weights_mb": (planned["parts_gb"]["quantized weights"] + planned["parts_gb"]["16-bit parts"]) * 1024,
+        "planned_peak_mb": planned["peak_gb"] * 1024,
+        "attention": net.config._attn_implementation,
         "device": device.environment_report()["device"],
+        **_peak_memory(),
     }
 
 
 def _child(queue, *args):
-    queue.put(run_variant(*args))
+    try:
+        queue.put(run_variant(*args))
+    except BaseException as error:  # report it to the parent rather than leave it waiting
+        queue.put({"error": f"{type(error).__name__}: {error}"})
+        raise
 
 
-def benchmark(model: str = "tiny", steps: int = 20, batch_size: int = 8, max_length: int = 128) -> dict:
-    """Run baseline and course recipes, each in a fresh process, and report course/baseline ratios."""
+def benchmark(
+    model: str = "tiny",
+    preset: str | None = None,
+    steps: int = 20,
+    batch_size: int | None = None,
+    max_length: int | None = None,
+) -> dict:
+    """Run every variant, each in a fresh process, and report course/baseline ratios and the planner's error."""
     import multiprocessing
 
+    import torch
+
+    if model in SHAPED and not torch.cuda.is_available():
+        raise RuntimeError(
+            f"The {model}-shaped benchmark trains a {model.split('-')[-1].upper()} model: it needs a GPU. "
+            "On a CPU, use --model tiny or --model mid."
+        )
+    preset = preset or SHAPED.get(model, "tiny")
+    if preset == "tiny" and model in ("tiny", "mid"):
+        batch_size, max_length = batch_size or 8, max_length or 128
     context = multiprocessing.get_context("spawn")
     results = {}
-    for variant in ("baseline", "course"):
+    for variant in VARIANTS:
         queue = context.Queue()
-        process = context.Process(target=_child, args=(queue, variant, model, steps, batch_size, max_length))
+        args = (variant, model, preset, steps, batch_size, max_length)
+        process = context.Process(target=_child, args=(queue, *args))
         process.start()
         results[variant] = queue.get()
         process.join()
-    base, ours = results["baseline"], results["course"]
+        if "error" in results[variant]:
+            raise RuntimeError(f"The {variant!r} run failed: {results[variant]['error']}")
+    base, ours, full = (results[v] for v in VARIANTS)
     ratios = {
         "real_tokens_per_s": ours["real_tokens_per_s"] / base["real_tokens_per_s"],
         "supervised_tokens_per_s": ours["supervised_tokens_per_s"] / base["supervised_tokens_per_s"],
         "steps_per_s": base["seconds_per_step"] / ours["seconds_per_step"],
         "peak_memory": ours["peak_memory_mb"] / base["peak_memory_mb"],
     }
-    return {
-        "settings": {"model": model, "steps": steps, "batch_size": batch_size, "max_length": max_length},
-        "baseline": base,
-        "course": ours,
-        "ratio_course_over_baseline": ratios,
+    planner = {
+        "weights_error_%": 100 * (full["planned_weights_mb"] / full["weights_mb"] - 1),
+        # Only a GPU's peak is what the planner estimates; a CPU's peak RSS also counts Python and its libraries.
+        "peak_error_%": 100 * (full["planned_peak_mb"] / full["peak_memory_mb"] - 1)
+        if torch.cuda.is_available()
+        else None,
     }
+    settings = {"model": model, "preset": preset, "steps": steps, "warmup_steps": WARMUP_STEPS}
+    settings |= {key: ours[key] for key in ("batch_size", "max_length", "gradient_checkpointing")}
+    return {"settings": settings, **results, "ratio_course_over_baseline": ratios, "planner": planner}
 
 
 def markdown_table(result: dict) -> str:
-    b, c, r = result["baseline"], result["course"], result["ratio_course_over_baseline"]
+    """The measurements side by side, with the ratios and the planner's error."""
+    b, c, f = (result[v] for v in VARIANTS)
+    r, p, s = result["ratio_course_over_baseline"], result["planner"], result["settings"]
     rows = [
         ("optimizer steps / s", 1 / b["seconds_per_step"], 1 / c["seconds_per_step"], r["steps_per_s"]),
         ("real tokens / s", b["real_tokens_per_s"], c["real_tokens_per_s"], r["real_tokens_per_s"]),
@@ -191,17 +344,35 @@ def markdown_table(result: dict) -> str:
             c["supervised_tokens_per_s"],
             r["supervised_tokens_per_s"],
         ),
+        (
+            "all tokens / s (with padding)",
+            b["all_tokens_per_s"],
+            c["all_tokens_per_s"],
+            c["all_tokens_per_s"] / b["all_tokens_per_s"],
+        ),
         ("peak memory (MB)", b["peak_memory_mb"], c["peak_memory_mb"], r["peak_memory"]),
     ]
-    s = result["settings"]
+    memory = "CUDA max reserved" if "peak_allocated_mb" in c else "peak RSS of the process"
     lines = [
-        f"Model `{s['model']}`, {s['steps']} steps, batch {s['batch_size']}, max_length {s['max_length']}, "
-        f"on {c['device']}.",
+        f"Model `{s['model']}` with preset `{s['preset']}`: batch {s['batch_size']}, max_length {s['max_length']}, "
+        f"gradient checkpointing {'on' if s['gradient_checkpointing'] else 'off'}, {s['steps']} timed steps after "
+        f"{s['warmup_steps']} untimed ones, on {c['device']}. Peak memory: {memory}.",
         "",
         "| | baseline (seed 000) | course | course / baseline |",
         "|---|---|---|---|",
     ]
     lines += [f"| {name} | {x:,.1f} | {y:,.1f} | {ratio:.2f}x |" for name, x, y, ratio in rows]
+    lines += [
+        "",
+        f"Course at max_length (every example {s['max_length']} tokens): peak {f['peak_memory_mb']:,.0f} MB, "
+        f"{f['real_tokens_per_s']:,.0f} tokens/s. Planner: weights {f['planned_weights_mb']:,.1f} MB planned, "
+        f"{f['weights_mb']:,.1f} MB loaded ({p['weights_error_%']:+.1f}%); peak {f['planned_peak_mb']:,.0f} MB planned"
+        + (
+            f" ({p['peak_error_%']:+.1f}% against the measured peak)."
+            if p["peak_error_%"] is not None
+            else " (a GPU estimate: on a CPU the peak RSS also counts Python and its libraries, so it is not compared)."
+        ),
+    ]
     return "\n".join(lines)
 
 

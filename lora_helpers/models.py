@@ -85,8 +85,17 @@ def bnb_4bit_config():
     )
 
 
-def load_model(model_id: str, load_in_4bit: bool, dtype=None, device_map=None, trust_remote_code: bool = False):
+def load_model(
+    model_id: str,
+    load_in_4bit: bool,
+    dtype=None,
+    device_map=None,
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = "auto",
+):
     """A causal LM, in 4-bit NF4 (QLoRA) or unquantized in ``dtype`` (default: the device's compute dtype).
+
+    Attention: ``"auto"`` is ``device.attention_implementation()``; ``None`` leaves transformers' default.
 
     On a GPU the whole model goes to GPU 0 unless ``device_map`` says otherwise
     (notebook 05 passes "auto" so a 16-bit 7B model may spill to CPU memory on a T4).
@@ -102,9 +111,12 @@ def load_model(model_id: str, load_in_4bit: bool, dtype=None, device_map=None, t
         "dtype": dtype,
         "token": hub_token(),
         "use_safetensors": True,
-        "attn_implementation": device.attention_implementation(),
         "trust_remote_code": warn_remote_code(model_id, trust_remote_code),
     }
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = (
+            device.attention_implementation() if attn_implementation == "auto" else attn_implementation
+        )
     if load_in_4bit:
         works, message = device.check_4bit()
         if not works:

@@ -56,17 +56,21 @@ def meta_model(config):
     return model
 
 
-def activation_bytes_per_token_per_layer(config) -> int:
-    """16-bit tensors the backward pass keeps for one token in one decoder layer (norm outputs, q/k/v,
-    attention output, residuals, the MLP's gate, up, activation and down input)."""
+def activation_bytes_per_token_per_layer(config, compute_bytes: int = 2) -> int:
+    """Tensors the backward pass keeps for one token in one decoder layer (norm outputs, q/k/v,
+    attention output, residuals, the MLP's gate, up, activation and down input), in the compute dtype."""
     h, i = config.hidden_size, config.intermediate_size
     head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
     kv = (config.num_key_value_heads or config.num_attention_heads) * head_dim
-    return 2 * (6 * h + 2 * kv + 4 * i)
+    return compute_bytes * (6 * h + 2 * kv + 4 * i)
 
 
-def plan(settings) -> dict:
-    """Trainable parameters and the estimated peak training memory (bytes, by part) for these settings."""
+def plan(settings, compute_bytes: int = 2) -> dict:
+    """Trainable parameters and the estimated peak training memory (bytes, by part) for these settings.
+
+    ``compute_bytes`` is the size of the compute dtype: 2 on a GPU (fp16/bf16), 4 on a CPU (fp32); it sizes
+    the unquantized parts and the activations.
+    """
     config = load_config(settings.model_id)
     model = meta_model(config)
     targets = lora.resolve_target_modules(model, settings.target_modules)
@@ -74,13 +78,13 @@ def plan(settings) -> dict:
     total = lora.base_parameter_count(model)
     quantizable = sum(m.in_features * m.out_features for m in lora.linear_layers(model).values())
     tokens = settings.per_device_train_batch_size * settings.max_length
-    per_layer = activation_bytes_per_token_per_layer(config) * tokens
+    per_layer = activation_bytes_per_token_per_layer(config, compute_bytes) * tokens
     layers = config.num_hidden_layers
-    with_checkpointing = layers * tokens * config.hidden_size * 2 + per_layer
+    with_checkpointing = layers * tokens * config.hidden_size * compute_bytes + per_layer
     without_checkpointing = layers * per_layer
     parts = {
-        "quantized weights": quantizable * (memory.NF4_BITS_PER_WEIGHT if settings.load_in_4bit else 16) / 8,
-        "16-bit parts": (total - quantizable) * 2,
+        "quantized weights": quantizable * (memory.NF4_BITS_PER_WEIGHT / 8 if settings.load_in_4bit else compute_bytes),
+        "16-bit parts": (total - quantizable) * compute_bytes,
         "LoRA weights+grads+Adam": trainable * 16,
         "activations": with_checkpointing if settings.gradient_checkpointing else without_checkpointing,
         "logits": tokens * config.vocab_size * 4 * 2,

@@ -1,20 +1,88 @@
-"""The benchmark runs and reports; its speed ratios are measurements for the README, not assertions here."""
+"""The benchmark measures what the model is given; its speed ratios are measurements for the README, not assertions."""
 
 import json
 
-from lora_helpers import bench
+import pytest
+import torch
+
+from lora_helpers import bench, plan
 
 
-def test_benchmark_runs_both_recipes_and_writes_results(tmp_path, tiny_dir):
+def test_benchmark_runs_every_recipe_and_writes_results(tmp_path, tiny_dir):
     result = bench.benchmark("tiny", steps=4)
-    base, ours = result["baseline"], result["course"]
-    assert base["steps"] == ours["steps"] == 4
-    # What makes the difference, deterministically: the baseline pads every example to max_length.
-    assert base["all_tokens"] == 4 * 8 * 128
-    assert ours["all_tokens"] < 0.5 * base["all_tokens"]
-    assert ours["supervised_tokens"] < base["supervised_tokens"]  # the course learns from the answers only
+    base, ours, full = (result[v] for v in bench.VARIANTS)
+    assert base["steps"] == ours["steps"] == full["steps"] == 4
+    # Counted from the batches the model was given, over the timed steps only:
+    assert base["all_tokens"] == 4 * 8 * 128  # seed 000 pads every example to max_length
+    assert ours["all_tokens"] < 0.5 * base["all_tokens"]  # the course pads each batch to its longest example
+    assert full["all_tokens"] == full["real_tokens"] == 4 * 8 * 128  # the worst case fills max_length, no padding
+    assert base["supervised_tokens"] == base["real_tokens"]  # seed 000: loss on every token
+    assert 0 < ours["supervised_tokens"] < ours["real_tokens"]  # the course: loss on the answers only
+    assert full["supervised_tokens"] == 4 * 8 * 64
+    assert ours["attention"] == "sdpa"
     for key in ("real_tokens_per_s", "supervised_tokens_per_s", "steps_per_s", "peak_memory"):
         assert result["ratio_course_over_baseline"][key] > 0
+    # The planner's weight estimate against the loaded model (fp32 on a CPU); absmax scales are not in the footprint
+    assert abs(result["planner"]["weights_error_%"]) < 5
+    assert result["planner"]["peak_error_%"] is None  # a CPU's peak RSS is not what the planner estimates
     json_path, md_path = bench.write_results(result, tmp_path)
-    assert json.loads(json_path.read_text())["settings"]["model"] == "tiny"
-    assert "| real tokens / s |" in md_path.read_text()
+    assert json.loads(json_path.read_text())["settings"]["batch_size"] == 8
+    table = md_path.read_text()
+    assert "| real tokens / s |" in table and "Planner: weights" in table
+
+
+def test_a_gpu_preset_runs_its_own_settings_offline(tiny_dir):
+    """What a 7B-shaped GPU run does, on the mid model: the preset's batch, length and checkpointing, no download."""
+    result = bench.run_variant("course at max_length", "mid", "llama3.1-8b", 2, None, None)
+    assert result["dataset"] == bench.OFFLINE_DATASET  # the preset's no_robots is on the Hub
+    assert result["gradient_checkpointing"] and result["batch_size"] == 1 and result["max_length"] == 512
+    assert result["all_tokens"] == result["real_tokens"] == 2 * 512
+
+
+def test_shaped_models_need_a_gpu():
+    with pytest.raises(RuntimeError, match="needs a GPU"):
+        bench.benchmark("llama-2-7b")
+
+
+def test_random_model_has_the_config_shapes_and_loads_in_4bit(tmp_path, tiny_tokenizer):
+    """The writer of the 7B/8B-shaped models, on a shrunken Llama-2 config, with shards forced small."""
+    from lora_helpers import lora, models
+
+    config = plan.load_config("NousResearch/Llama-2-7b-chat-hf")
+    config.update(dict(hidden_size=128, intermediate_size=344, num_hidden_layers=2, num_attention_heads=4))
+    config.update(dict(num_key_value_heads=4, vocab_size=1024, pad_token_id=tiny_tokenizer.pad_token_id))
+    target = bench.write_random_model(config, tmp_path / "shaped", tiny_tokenizer, max_shard_bytes=200_000)
+    index = json.loads((target / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2
+    model = models.load_model(str(target), load_in_4bit=True)
+    assert model.config.hidden_size == 128 and model.config.vocab_size == 1024
+    assert {type(m).__name__ for m in lora.linear_layers(model).values()} == {"Linear4bit"}
+    shapes = {name: (m.in_features, m.out_features) for name, m in lora.linear_layers(model).items()}
+    meta = {name: (m.in_features, m.out_features) for name, m in lora.linear_layers(plan.meta_model(config)).items()}
+    assert shapes == meta
+    embedding = model.get_input_embeddings().weight.float()
+    assert abs(embedding.std().item() - config.initializer_range) < 0.002  # random, not zeros
+    assert torch.isfinite(model(torch.tensor([[1, 5, 9]])).logits).all()
+
+
+def test_padding_free_batches_are_exact_with_sdpa_only_without_a_cache(tiny_dir, tiny_tokenizer):
+    """Why the course groups by length rather than use trl's padding_free on SDPA (notebook 04).
+
+    A padding-free batch is one row with position_ids restarting at each example. transformers turns that into a
+    block-diagonal mask only when no cache is passed: trl's trainer passes use_cache=False, a plain forward does not.
+    """
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from lora_helpers import models
+
+    model = models.load_model("tiny", load_in_4bit=False)
+    examples = [{"input_ids": tiny_tokenizer(t)["input_ids"]} for t in ("Where do you live?", "Hi.", "What is LoRA?")]
+    padded = DataCollatorForLanguageModeling(pad_token_id=tiny_tokenizer.pad_token_id)(examples)
+    flat = DataCollatorForLanguageModeling(pad_token_id=tiny_tokenizer.pad_token_id, padding_free=True)(examples)
+    flat = {k: flat[k] for k in ("input_ids", "position_ids", "labels")}
+    with torch.no_grad():
+        reference = model(**padded).logits[padded["attention_mask"].bool()]
+        exact = model(**flat, use_cache=False).logits[0]
+        leaky = model(**flat, use_cache=True).logits[0]
+    assert (exact - reference).abs().max() < 1e-4
+    assert (leaky - reference).abs().max() > 1e-2  # later examples attend to earlier ones
