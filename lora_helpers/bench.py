@@ -23,6 +23,7 @@ max allocated on a GPU, peak RSS on a CPU). Timings are ratios measured in one r
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
 import time
@@ -128,6 +129,37 @@ def full_length_dataset(tokenizer, n: int, max_length: int):
     return Dataset.from_dict({"input_ids": [row] * n, "completion_mask": [mask] * n})
 
 
+def saved_for_backward_bytes(model, input_ids) -> int:
+    """Bytes one forward pass keeps for the backward pass (activations and logits; weights excluded).
+
+    Counted with autograd's saved-tensor hooks, with gradient checkpointing off for the pass: this is what the
+    planner's "activations" (without checkpointing) and half its "logits" (the other half is their gradient)
+    estimate. Device-independent, so the planner's activation model is checked on a CPU too.
+    """
+    import torch
+
+    owned = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    kept = {}
+
+    def pack(tensor):
+        pointer = tensor.untyped_storage().data_ptr()
+        if pointer not in owned:
+            kept[pointer] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    checkpointing = inner.is_gradient_checkpointing
+    if checkpointing:
+        inner.gradient_checkpointing_disable()
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            model(input_ids=input_ids, labels=input_ids)
+    finally:
+        if checkpointing:
+            inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return sum(kept.values())
+
+
 class _Meter:
     """Counts the tokens of every batch the model is given and times the steps after the warm-up."""
 
@@ -205,6 +237,7 @@ def run_variant(variant: str, model: str, preset: str, steps: int, batch_size: i
         task_type="CAUSAL_LM",
     )
     net = get_peft_model(base, config)
+    compute_bytes = torch.finfo(device.compute_dtype()).bits // 8
     train, _, _, _ = training.prepare_datasets(settings, tokenizer)
     meter = _Meter(WARMUP_STEPS)
     net.register_forward_pre_hook(meter.hook, with_kwargs=True)
@@ -242,11 +275,20 @@ def run_variant(variant: str, model: str, preset: str, steps: int, batch_size: i
             model=net, args=args, train_dataset=train, processing_class=tokenizer, callbacks=[meter.callback]
         )
         training.adapter_weights_to_float32(trainer.model)
+    measured_activations_mb = planned_activations_mb = None
+    if variant == "course at max_length":  # one example of max_length tokens, against the planner for batch 1
+        net.train()
+        example = torch.tensor(train[:1]["input_ids"], device=net.device)
+        measured_activations_mb = saved_for_backward_bytes(net, example) / 2**20
+        one = plan.plan(
+            dataclasses.replace(settings, per_device_train_batch_size=1, gradient_checkpointing=False), compute_bytes
+        )
+        planned_activations_mb = (one["activations_gb"]["without"] + one["parts_gb"]["logits"] / 2) * 1024
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
     tokens, seconds = meter.totals(), meter.seconds
-    planned = plan.plan(settings, compute_bytes=torch.finfo(device.compute_dtype()).bits // 8)
+    planned = plan.plan(settings, compute_bytes)
     return {
         "variant": variant,
         "model": model,
@@ -267,6 +309,8 @@ def run_variant(variant: str, model: str, preset: str, steps: int, batch_size: i
         "weights_mb": weights_mb,
         "planned_weights_mb": (planned["parts_gb"]["quantized weights"] + planned["parts_gb"]["16-bit parts"]) * 1024,
         "planned_peak_mb": planned["peak_gb"] * 1024,
+        "activations_mb": measured_activations_mb,
+        "planned_activations_mb": planned_activations_mb,
         "attention": net.config._attn_implementation,
         "device": device.environment_report()["device"],
         **_peak_memory(),
@@ -321,6 +365,7 @@ def benchmark(
     }
     planner = {
         "weights_error_%": 100 * (full["planned_weights_mb"] / full["weights_mb"] - 1),
+        "activations_error_%": 100 * (full["planned_activations_mb"] / full["activations_mb"] - 1),
         # Only a GPU's peak is what the planner estimates; a CPU's peak RSS also counts Python and its libraries.
         "peak_error_%": 100 * (full["planned_peak_mb"] / full["peak_memory_mb"] - 1)
         if torch.cuda.is_available()
@@ -362,17 +407,23 @@ def markdown_table(result: dict) -> str:
         "|---|---|---|---|",
     ]
     lines += [f"| {name} | {x:,.1f} | {y:,.1f} | {ratio:.2f}x |" for name, x, y, ratio in rows]
+    gpu = p["peak_error_%"] is not None
     lines += [
         "",
-        f"Course at max_length (every example {s['max_length']} tokens): peak {f['peak_memory_mb']:,.0f} MB, "
-        f"{f['real_tokens_per_s']:,.0f} tokens/s. Planner: weights {f['planned_weights_mb']:,.1f} MB planned, "
-        f"{f['weights_mb']:,.1f} MB loaded ({p['weights_error_%']:+.1f}%); peak {f['planned_peak_mb']:,.0f} MB planned"
-        + (
-            f" ({p['peak_error_%']:+.1f}% against the measured peak)."
-            if p["peak_error_%"] is not None
-            else " (a GPU estimate: on a CPU the peak RSS also counts Python and its libraries, so it is not compared)."
-        ),
+        f"Course at max_length (every example {s['max_length']} tokens): {f['real_tokens_per_s']:,.0f} tokens/s, "
+        f"peak {f['peak_memory_mb']:,.0f} MB. The memory planner against what was measured:",
+        "",
+        "| | planned (MB) | measured (MB) | planner error |",
+        "|---|---|---|---|",
+        f"| weights, loaded in 4-bit | {f['planned_weights_mb']:,.1f} | {f['weights_mb']:,.1f} | "
+        f"{p['weights_error_%']:+.1f}% |",
+        f"| kept for backward, one example, no checkpointing | {f['planned_activations_mb']:,.1f} | "
+        f"{f['activations_mb']:,.1f} | {p['activations_error_%']:+.1f}% |",
+        f"| peak of training | {f['planned_peak_mb']:,.0f} | "
+        + (f"{f['peak_memory_mb']:,.0f} | {p['peak_error_%']:+.1f}% |" if gpu else "— | not compared on a CPU |"),
     ]
+    if not gpu:
+        lines += ["", "The planner estimates a GPU's peak; a CPU's peak RSS also counts Python and its libraries."]
     return "\n".join(lines)
 
 
