@@ -27,6 +27,7 @@ import dataclasses
 import json
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 from lora_helpers import files, plan, presets
@@ -148,15 +149,17 @@ def saved_for_backward_bytes(model, input_ids) -> int:
         return tensor
 
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    checkpointing = inner.is_gradient_checkpointing
-    if checkpointing:
-        inner.gradient_checkpointing_disable()
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            model(input_ids=input_ids, labels=input_ids)
-    finally:
+    with warnings.catch_warnings():  # transformers 5.24 renames these "activation_checkpointing"; 5.2 lacks that
+        warnings.simplefilter("ignore", FutureWarning)
+        checkpointing = inner.is_gradient_checkpointing
         if checkpointing:
-            inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            inner.gradient_checkpointing_disable()
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+                model(input_ids=input_ids, labels=input_ids)
+        finally:
+            if checkpointing:
+                inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return sum(kept.values())
 
 
@@ -240,7 +243,6 @@ def run_variant(variant: str, model: str, preset: str, steps: int, batch_size: i
     compute_bytes = torch.finfo(device.compute_dtype()).bits // 8
     train, _, _, _ = training.prepare_datasets(settings, tokenizer)
     meter = _Meter(WARMUP_STEPS)
-    net.register_forward_pre_hook(meter.hook, with_kwargs=True)
     total_steps = steps + WARMUP_STEPS
     scratch = tempfile.mkdtemp(prefix="lora-bench-")  # save_strategy="no": nothing is kept there
     quiet = dict(max_steps=total_steps, logging_steps=total_steps, save_strategy="no", dataloader_drop_last=True)
@@ -284,6 +286,7 @@ def run_variant(variant: str, model: str, preset: str, steps: int, batch_size: i
             dataclasses.replace(settings, per_device_train_batch_size=1, gradient_checkpointing=False), compute_bytes
         )
         planned_activations_mb = (one["activations_gb"]["without"] + one["parts_gb"]["logits"] / 2) * 1024
+    net.register_forward_pre_hook(meter.hook, with_kwargs=True)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
