@@ -5,7 +5,8 @@ The model is built on the meta device (shapes, no memory), so the parameter
 count is exact; the memory is an estimate with a documented breakdown:
 
 - quantized weights: the linear layers in NF4 (4.127 bits per weight with double quantization);
-- 16-bit parts: embeddings, output head and norms, never quantized;
+- unquantized parts: embeddings, output head and norms, never quantized. They load in 16-bit, but for 4-bit
+  training ``prepare_model_for_kbit_training`` (notebook 04) upcasts them to fp32: 4 bytes per parameter;
 - LoRA: weights, gradients and AdamW's two moments, all fp32 (4 + 4 + 8 bytes per parameter);
 - activations: what the backward pass keeps per token, per layer (16-bit); with gradient checkpointing
   only each layer's input is kept, and one layer's activations are rebuilt at a time. Counted as if every
@@ -71,7 +72,7 @@ def plan(settings, compute_bytes: int = 2) -> dict:
     """Trainable parameters and the estimated peak training memory (bytes, by part) for these settings.
 
     ``compute_bytes`` is the size of the compute dtype: 2 on a GPU (fp16/bf16), 4 on a CPU (fp32); it sizes
-    the unquantized parts and the activations.
+    the activations, and the weights when they are not quantized.
     """
     config = load_config(settings.model_id)
     model = meta_model(config)
@@ -84,9 +85,10 @@ def plan(settings, compute_bytes: int = 2) -> dict:
     layers = config.num_hidden_layers
     with_checkpointing = layers * tokens * config.hidden_size * compute_bytes + per_layer
     without_checkpointing = layers * per_layer
+    unquantized_bytes = 4 if settings.load_in_4bit else compute_bytes  # fp32 after prepare_model_for_kbit_training
     parts = {
         "quantized weights": quantizable * (memory.NF4_BITS_PER_WEIGHT / 8 if settings.load_in_4bit else compute_bytes),
-        "16-bit parts": (total - quantizable) * compute_bytes,
+        "unquantized parts": (total - quantizable) * unquantized_bytes,
         "LoRA weights+grads+Adam": trainable * 16,
         "activations": with_checkpointing if settings.gradient_checkpointing else without_checkpointing,
         "logits": tokens * config.vocab_size * 4 * 2,

@@ -71,3 +71,20 @@ def test_cli(capsys):
 def test_plan_chart(tiny_dir):
     fig = plan.plot_plan(plan.plan_for_preset("llama2-7b-guanaco"))
     assert len(fig.axes[0].patches) == 6
+
+
+def test_4bit_training_holds_the_unquantized_parts_in_fp32(tiny_dir):
+    """Why the planner counts embeddings, head and norms at 4 bytes: peft upcasts them for k-bit training."""
+    import torch
+    from peft import prepare_model_for_kbit_training
+
+    from lora_helpers import models
+
+    model = models.load_model("tiny", load_in_4bit=True, dtype=torch.float16)  # as on a T4
+    assert model.get_input_embeddings().weight.dtype == torch.float16
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    unquantized = [p for n, p in model.named_parameters() if p.__class__.__name__ != "Params4bit"]
+    assert unquantized and {p.dtype for p in unquantized} == {torch.float32}
+    result = plan.plan(presets.get_preset("tiny"))
+    expected = sum(p.numel() for p in unquantized) * 4 / plan.GB
+    assert result["parts_gb"]["unquantized parts"] == pytest.approx(expected)
