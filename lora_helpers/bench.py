@@ -35,8 +35,9 @@ from lora_helpers import files, plan, presets
 MID_CONFIG = dict(
     hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4
 )
+# Random-weight models with real shapes (GPU only), and the preset each is measured with by default:
 SHAPED = {"llama-2-7b": "llama2-7b-about-me", "llama-3.2-3b": "llama3.2-3b", "llama-3.1-8b": "llama3.1-8b"}
-MODELS = ("tiny", "mid", *SHAPED)  # shaped models and the preset each is measured with by default
+MODELS = ("tiny", "mid", *SHAPED)
 VARIANTS = ("baseline", "course", "course at max_length")
 OFFLINE_DATASET = "package:guanaco_llama2_sample.jsonl"  # for presets whose dataset is on the Hub
 WARMUP_STEPS = 3  # not timed: the first steps allocate, warm caches and build kernels
@@ -169,7 +170,7 @@ class _Meter:
     def __init__(self, warmup: int):
         from transformers import TrainerCallback
 
-        self.warmup, self.batches, self.start, self.seconds = warmup, [], None, None
+        self.warmup, self.batches, self.first, self.start, self.seconds = warmup, [], None, None, None
         meter = self
 
         class Callback(TrainerCallback):
@@ -213,11 +214,10 @@ def _peak_memory() -> dict:
 def run_variant(variant: str, model: str, preset: str, steps: int, batch_size: int | None, max_length: int | None):
     """Train ``steps`` optimizer steps (after ``WARMUP_STEPS`` untimed ones) with one recipe; return measurements."""
     import torch
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
     from trl import SFTTrainer
 
-    from lora_helpers import device, lora, models, training
+    from lora_helpers import device, models, training
 
     overrides = {"per_device_train_batch_size": batch_size, "max_length": max_length}
     dataset = presets.get_preset(preset).dataset
@@ -228,18 +228,9 @@ def run_variant(variant: str, model: str, preset: str, steps: int, batch_size: i
     )
     device.seed_everything(0)
     tokenizer = models.load_tokenizer(settings.model_id)
-    base = models.load_model(
-        settings.model_id, load_in_4bit=True, attn_implementation=None if variant == "baseline" else "auto"
-    )
-    base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=settings.gradient_checkpointing)
-    weights_mb = base.get_memory_footprint() / 2**20  # as training holds them: the unquantized parts in fp32
-    config = LoraConfig(
-        r=settings.lora_r,
-        lora_alpha=settings.lora_alpha,
-        target_modules=lora.resolve_target_modules(base, settings.target_modules),
-        task_type="CAUSAL_LM",
-    )
-    net = get_peft_model(base, config)
+    net = training.lora_model(settings, attn_implementation=None if variant == "baseline" else "auto")
+    adapters = sum(p.numel() * p.element_size() for p in net.parameters() if p.requires_grad)
+    weights_mb = (net.get_memory_footprint() - adapters) / 2**20  # as training holds them: the rest in fp32
     compute_bytes = torch.finfo(device.compute_dtype()).bits // 8
     train, _, _, _ = training.prepare_datasets(settings, tokenizer)
     meter = _Meter(WARMUP_STEPS)
@@ -277,21 +268,26 @@ def run_variant(variant: str, model: str, preset: str, steps: int, batch_size: i
             model=net, args=args, train_dataset=train, processing_class=tokenizer, callbacks=[meter.callback]
         )
         training.adapter_weights_to_float32(trainer.model)
-    measured_activations_mb = planned_activations_mb = None
-    if variant == "course at max_length":  # one example of max_length tokens, against the planner for batch 1
+    planner = {}
+    if variant == "course at max_length":  # the planner against this run; activations for one example
         net.train()
         example = torch.tensor(train[:1]["input_ids"], device=net.device)
-        measured_activations_mb = saved_for_backward_bytes(net, example) / 2**20
         one = plan.plan(
             dataclasses.replace(settings, per_device_train_batch_size=1, gradient_checkpointing=False), compute_bytes
         )
-        planned_activations_mb = (one["activations_gb"]["without"] + one["parts_gb"]["logits"] / 2) * 1024
+        planned = plan.plan(settings, compute_bytes)
+        parts = planned["parts_gb"]
+        planner = {
+            "planned_weights_mb": (parts["quantized weights"] + parts["unquantized parts"]) * 1024,
+            "planned_peak_mb": planned["peak_gb"] * 1024,
+            "activations_mb": saved_for_backward_bytes(net, example) / 2**20,
+            "planned_activations_mb": (one["activations_gb"]["without"] + one["parts_gb"]["logits"] / 2) * 1024,
+        }
     net.register_forward_pre_hook(meter.hook, with_kwargs=True)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
     tokens, seconds = meter.totals(), meter.seconds
-    planned = plan.plan(settings, compute_bytes)
     return {
         "variant": variant,
         "model": model,
@@ -310,11 +306,7 @@ def run_variant(variant: str, model: str, preset: str, steps: int, batch_size: i
         "supervised_tokens_per_s": tokens["supervised"] / seconds,
         "all_tokens_per_s": tokens["all"] / seconds,
         "weights_mb": weights_mb,
-        "planned_weights_mb": (planned["parts_gb"]["quantized weights"] + planned["parts_gb"]["unquantized parts"])
-        * 1024,
-        "planned_peak_mb": planned["peak_gb"] * 1024,
-        "activations_mb": measured_activations_mb,
-        "planned_activations_mb": planned_activations_mb,
+        **planner,
         "attention": net.config._attn_implementation,
         "device": device.environment_report()["device"],
         **_peak_memory(),
@@ -347,8 +339,6 @@ def benchmark(
             "On a CPU, use --model tiny or --model mid."
         )
     preset = preset or SHAPED.get(model, "tiny")
-    if preset == "tiny" and model in ("tiny", "mid"):
-        batch_size, max_length = batch_size or 8, max_length or 128
     context = multiprocessing.get_context("spawn")
     results = {}
     for variant in VARIANTS:
@@ -364,6 +354,7 @@ def benchmark(
     ratios = {
         "real_tokens_per_s": ours["real_tokens_per_s"] / base["real_tokens_per_s"],
         "supervised_tokens_per_s": ours["supervised_tokens_per_s"] / base["supervised_tokens_per_s"],
+        "all_tokens_per_s": ours["all_tokens_per_s"] / base["all_tokens_per_s"],
         "steps_per_s": base["seconds_per_step"] / ours["seconds_per_step"],
         "peak_memory": ours["peak_memory_mb"] / base["peak_memory_mb"],
     }
@@ -393,12 +384,7 @@ def markdown_table(result: dict) -> str:
             c["supervised_tokens_per_s"],
             r["supervised_tokens_per_s"],
         ),
-        (
-            "all tokens / s (with padding)",
-            b["all_tokens_per_s"],
-            c["all_tokens_per_s"],
-            c["all_tokens_per_s"] / b["all_tokens_per_s"],
-        ),
+        ("all tokens / s (with padding)", b["all_tokens_per_s"], c["all_tokens_per_s"], r["all_tokens_per_s"]),
         ("peak memory (MB)", b["peak_memory_mb"], c["peak_memory_mb"], r["peak_memory"]),
     ]
     memory = "CUDA max reserved" if "peak_allocated_mb" in c else "peak RSS of the process"
@@ -437,7 +423,3 @@ def write_results(result: dict, out_dir: str | Path) -> tuple[Path, Path]:
     files.write_json(out_dir / "bench.json", result)
     (out_dir / "bench.md").write_text(markdown_table(result) + "\n")
     return out_dir / "bench.json", out_dir / "bench.md"
-
-
-def as_json(result: dict) -> str:
-    return json.dumps(result, indent=2)

@@ -11,7 +11,8 @@ count is exact; the memory is an estimate with a documented breakdown:
 - activations: what the backward pass keeps per token, per layer (16-bit); with gradient checkpointing
   only each layer's input is kept, and one layer's activations are rebuilt at a time. Counted as if every
   linear layer had an adapter: frozen layers without one keep less, so with fewer targets the estimate errs
-  high (``python -m lora_helpers bench`` measures it: within 5% for all-linear, +22% for q,k,v,o);
+  high (``python -m lora_helpers bench`` measures it: within 6% for all-linear, +6% for q,k,v,o with dropout).
+  With ``lora_dropout`` > 0 every adapted layer also keeps a dropped-out copy of its input and the mask;
 - logits: batch x length x vocabulary in fp32, and their gradient;
 - overhead: the CUDA context and allocator slack (0.5 GB + 10%).
 """
@@ -83,8 +84,11 @@ def plan(settings, compute_bytes: int = 2) -> dict:
     tokens = settings.per_device_train_batch_size * settings.max_length
     per_layer = activation_bytes_per_token_per_layer(config, compute_bytes) * tokens
     layers = config.num_hidden_layers
-    with_checkpointing = layers * tokens * config.hidden_size * compute_bytes + per_layer
-    without_checkpointing = layers * per_layer
+    # LoRA dropout: each adapted layer keeps its own dropped-out copy of its input, and the mask (1 byte)
+    adapted_inputs = sum(m.in_features for n, m in lora.linear_layers(model).items() if n.split(".")[-1] in targets)
+    dropout = adapted_inputs * (compute_bytes + 1) * tokens if settings.lora_dropout > 0 else 0
+    with_checkpointing = layers * tokens * config.hidden_size * compute_bytes + per_layer + dropout / layers
+    without_checkpointing = layers * per_layer + dropout
     unquantized_bytes = 4 if settings.load_in_4bit else compute_bytes  # fp32 after prepare_model_for_kbit_training
     parts = {
         "quantized weights": quantizable * (memory.NF4_BITS_PER_WEIGHT / 8 if settings.load_in_4bit else compute_bytes),

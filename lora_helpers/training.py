@@ -186,6 +186,34 @@ def prepare_checkpoints(checkpoint_dir, resume: bool, overwrite: bool):
     return None
 
 
+def lora_model(settings, adapter_name: str = "default", attn_implementation: str | None = "auto"):
+    """Notebook 04's model: the base (in NF4 when ``load_in_4bit``), prepared for k-bit training, with adapters.
+
+    Used by ``train_adapter`` and the benchmark; ``attn_implementation`` as in ``models.load_model``.
+    """
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    from lora_helpers import lora, models
+
+    model = models.load_model(
+        settings.model_id,
+        settings.load_in_4bit,
+        trust_remote_code=settings.trust_remote_code,
+        attn_implementation=attn_implementation,
+    )
+    if settings.load_in_4bit:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=settings.gradient_checkpointing)
+    config = LoraConfig(
+        r=settings.lora_r,
+        lora_alpha=settings.lora_alpha,
+        lora_dropout=settings.lora_dropout,
+        target_modules=lora.resolve_target_modules(model, settings.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config, adapter_name=adapter_name)
+
+
 def train_adapter(
     settings,
     output_dir: str,
@@ -198,28 +226,16 @@ def train_adapter(
 
     Checkpoints go to ``OUTPUT_DIR-checkpoints`` after every epoch; ``resume=True`` continues from the last one.
     """
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import EarlyStoppingCallback
     from trl import SFTTrainer
 
-    from lora_helpers import lora, models
+    from lora_helpers import models
 
     checkpoint_dir = f"{output_dir}-checkpoints"
     resume_from = prepare_checkpoints(checkpoint_dir, resume, overwrite)
     device.seed_everything(settings.seed)
     tokenizer = models.load_tokenizer(settings.model_id, settings.trust_remote_code)
-    model = models.load_model(settings.model_id, settings.load_in_4bit, trust_remote_code=settings.trust_remote_code)
-    if settings.load_in_4bit:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=settings.gradient_checkpointing)
-    config = LoraConfig(
-        r=settings.lora_r,
-        lora_alpha=settings.lora_alpha,
-        lora_dropout=settings.lora_dropout,
-        target_modules=lora.resolve_target_modules(model, settings.target_modules),
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-    model = get_peft_model(model, config, adapter_name=adapter_name)
+    model = lora_model(settings, adapter_name)
     train, evaluation, _, _ = prepare_datasets(settings, tokenizer)
     early_stopping = bool(settings.early_stopping_patience and evaluation is not None)
     args = sft_config(settings, checkpoint_dir, evaluation is not None)
