@@ -8,7 +8,6 @@ first failing notebook naming the cell and the error, and writes
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -159,21 +158,17 @@ def run_course(
 def write_summary(run_dir: Path, summary: dict, seconds: float) -> dict:
     """Add results and artifact paths from ``run_dir`` to the summary and write ``summary.json``."""
     summary["total_seconds"] = round(seconds, 1)
-    log = _read_json(run_dir / ARTIFACTS["training_log"])
+    log = files.read_json(run_dir / ARTIFACTS["training_log"])
     if log:
         summary["final_train_loss"] = log.get("final_train_loss")
         summary["final_eval_loss"] = log.get("final_eval_loss")
         summary["final_eval_perplexity"] = log.get("final_eval_perplexity")
-    evaluation = _read_json(run_dir / ARTIFACTS["eval"])
+    evaluation = files.read_json(run_dir / ARTIFACTS["eval"])
     if evaluation:
         summary["exact_match"] = {k: evaluation.get(k) for k in ("base", "fine_tuned", "merged")}
     summary["artifacts"] = {k: str(run_dir / v) for k, v in ARTIFACTS.items() if (run_dir / v).exists()}
     files.write_json(run_dir / "summary.json", summary)
     return summary
-
-
-def _read_json(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.exists() else None
 
 
 def print_summary(summary: dict, stream=sys.stdout) -> None:

@@ -64,6 +64,14 @@ def check_free_space(directory: str | Path, needed_bytes: int, what: str) -> Non
         )
 
 
+def read_json(path: str | Path, missing=None):
+    """The JSON in ``path``, or ``missing`` when there is no such file (a run that stopped before writing it)."""
+    import json
+
+    path = Path(path)
+    return json.loads(path.read_text()) if path.exists() else missing
+
+
 def write_json(path: str | Path, content) -> Path:
     """Write JSON through a temporary file and an atomic rename: readers see the old file or the new, never half."""
     import json

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lora_helpers import data
+
 FILE_TYPES = ("F32", "F16", "Q8_0")  # written here; Q4_K_M is made from F16 by llama.cpp (quantize_gguf)
 LLAMA3_SPLIT = "(?i:'s|'t|'re|'ve|'m|'ll|'d)"  # the start of Llama-3's pre-tokenizer regex
 NOT_BYTE_LEVEL_BPE = (
@@ -100,7 +102,7 @@ def _tokenizer_metadata(writer, merged_dir: Path, tokenizer) -> None:
     ):
         if token_id is not None:
             getattr(writer, f"add_{name}_token_id")(token_id)
-    writer.add_add_bos_token(bool(tokenizer("a")["input_ids"][0] == tokenizer.bos_token_id))
+    writer.add_add_bos_token(data.tokenizer_adds_bos(tokenizer))
     if tokenizer.chat_template:
         writer.add_chat_template(tokenizer.chat_template)
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from lora_helpers import files
+
 
 def token_from_colab_secrets() -> str | None:
     """The ``HF_TOKEN`` secret of a Colab notebook (the key icon), or None outside Colab."""
@@ -60,8 +62,8 @@ def write_model_card(run_dir, settings, adapter_dir=None) -> Path:
 
     run_dir = Path(run_dir)
     adapter_dir = Path(adapter_dir or run_dir / "adapter")
-    log = json.loads((run_dir / "training_log.json").read_text()) if (run_dir / "training_log.json").exists() else {}
-    evaluation = json.loads((run_dir / "eval.json").read_text()) if (run_dir / "eval.json").exists() else {}
+    log = files.read_json(run_dir / "training_log.json", missing={})
+    evaluation = files.read_json(run_dir / "eval.json", missing={})
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     base = settings.model_id if settings.model_id != "tiny" else "tiny (a random-weight Llama built by lora_helpers)"
     dataset_line = (
