@@ -1,15 +1,15 @@
-"""Datasets: loading, recognising their shape, and writing them in the model's chat format.
+"""Datasets: loading them, recognising their shape, and turning every example into a conversation.
 
-Taught in notebook 04 (section "The data"). The SFT trainer learns from
-``prompt`` + ``completion`` text pairs: the prompt is everything the model is
-shown, the completion is what it must learn to write, ending with EOS. Keeping
-the two apart is what lets the trainer put the loss on the answer only.
+Taught in notebook 04 (section "The data"). Whatever the shape, each example becomes messages, split into a
+*prompt* (the conversation so far) and a *completion* (the last answer). The SFT trainer renders both with
+the model's chat template (``chat.py`` says why never as hand-written text) and puts the loss on the
+completion only. Keeping the two apart is what lets it.
 """
 
 from __future__ import annotations
 
 import json
-import warnings
+import re
 from pathlib import Path
 
 # The dataset shapes the course accepts, by the columns that identify them.
@@ -18,7 +18,7 @@ SHAPES = {
     "conversations": "ShareGPT: `conversations` = [{from, value}, ...]",
     "prompt_completion": "`prompt` + `completion` text columns",
     "alpaca": "Alpaca: `instruction` (+ optional `input`) + `output`",
-    "text": "plain `text`, already formatted (e.g. guanaco-llama2: `<s>[INST] ... [/INST] ... </s>`)",
+    "text": "`text` in Llama-2's chat format (guanaco-llama2: `<s>[INST] ... [/INST] ... </s>`)",
 }
 LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -105,129 +105,77 @@ def to_messages(example: dict, shape: str) -> list[dict] | None:
     return None
 
 
-def format_llama2(messages: list[dict], bos: str = "<s>", eos: str = "</s>") -> str:
-    """Llama-2 chat format: ``<s>[INST] <<SYS>>\\nsys\\n<</SYS>>\\n\\nuser [/INST] answer </s>`` per turn.
+LLAMA2_TURN = re.compile(
+    r"(?:<s>)?\s*\[INST\]\s*(?:<<SYS>>\n(?P<system>.*?)\n<</SYS>>\n\n)?(?P<user>.*?)\s*\[/INST\]"
+    r"(?P<answer>.*?)(?:</s>|$)",
+    re.DOTALL,
+)
 
-    Written out in Python so the format is visible; it renders exactly what
-    Meta's Llama-2 chat template renders (tested against the tiny tokenizer's).
+
+def parse_llama2_text(text: str) -> list[dict] | None:
+    """Messages from text already written in Llama-2's format (guanaco-llama2's ``<s>[INST] q [/INST] a </s>``).
+
+    Returns None when the text is not in that format. Parsed back into messages, such data is rendered by the
+    model's own chat template like every other shape: a Llama-3 model then trains in Llama-3's format.
     """
-    system = None
-    if messages and messages[0]["role"] == "system":
-        system, messages = messages[0]["content"], messages[1:]
-    out = []
-    for i, message in enumerate(messages):
-        content = message["content"].strip()
-        if message["role"] == "user":
-            if i == 0 and system is not None:
-                content = f"<<SYS>>\n{system}\n<</SYS>>\n\n{content}"
-            out.append(f"{bos}[INST] {content} [/INST]")
-        else:
-            out.append(f" {content} {eos}")
-    return "".join(out)
+    messages, position = [], 0
+    for turn in LLAMA2_TURN.finditer(text):
+        if text[position : turn.start()].strip():
+            return None
+        if turn["system"] is not None and not messages:
+            messages.append({"role": "system", "content": turn["system"].strip()})
+        messages.append({"role": "user", "content": turn["user"].strip()})
+        messages.append({"role": "assistant", "content": turn["answer"].strip()})
+        position = turn.end()
+    if not messages or text[position:].strip() or not messages[-1]["content"]:
+        return None
+    return messages
 
 
-def render_chat(messages: list[dict], tokenizer, chat_format: str, add_generation_prompt: bool = False) -> str:
-    """Render messages as text: ``llama2`` by the function above, ``template`` by the tokenizer's template."""
-    if chat_format not in ("llama2", "template"):
-        raise ValueError(f"Unknown chat_format {chat_format!r}: use 'llama2' or 'template'.")
-    if chat_format == "template":
-        if tokenizer.chat_template:
-            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-        # Base models: the documented default is the Llama-2 format.
-        warnings.warn(
-            "This tokenizer has no chat template (a base model?): using the Llama-2 format. "
-            "Use the same chat_format when you generate.",
-            stacklevel=2,
-        )
-    return format_llama2(messages, tokenizer.bos_token or "<s>", tokenizer.eos_token or "</s>")
+def conversation(example: dict, shape: str, system_prompt: str = "") -> list[dict] | None:
+    """One example as a list of {role, content} messages, with the system prompt first when one is given.
 
-
-def tokenizer_adds_bos(tokenizer) -> bool:
-    """True when ``tokenizer(text)`` puts BOS in front by itself (Llama tokenizers do)."""
-    ids = tokenizer("a")["input_ids"]
-    return tokenizer.bos_token_id is not None and len(ids) > 0 and ids[0] == tokenizer.bos_token_id
-
-
-def strip_leading_bos(text: str, tokenizer) -> str:
-    """Drop a leading BOS string when the tokenizer adds BOS itself, so it is not there twice."""
-    bos = tokenizer.bos_token
-    if bos and text.startswith(bos) and tokenizer_adds_bos(tokenizer):
-        return text[len(bos) :]
-    return text
-
-
-def to_prompt_completion(example: dict, shape: str, tokenizer, chat_format: str, system_prompt: str = "") -> dict:
-    """One example as ``{"prompt", "completion"}`` text: the completion is the last assistant turn + EOS.
-
-    Text-shaped examples (already formatted) are split at their last ``[/INST]``
-    when they have one, so the loss can still fall on the answer only.
+    None for plain text that is not in Llama-2's format (it is trained on as it is, with no prompt).
     """
     if shape == "text":
-        text = strip_leading_bos(example["text"], tokenizer)
-        head, sep, tail = text.rpartition("[/INST]")
-        if sep:
-            return {"prompt": head + sep, "completion": tail}
-        return {"prompt": "", "completion": text}
-    messages = to_messages(example, shape)
+        messages = parse_llama2_text(example["text"])
+    else:
+        messages = to_messages(example, shape)
+    if messages is None:
+        return None
     if system_prompt and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": system_prompt}, *messages]
     if messages[-1]["role"] != "assistant":
         raise ValueError(f"An example does not end with an assistant turn, so there is nothing to learn: {messages}")
-    prompt = render_chat(messages[:-1], tokenizer, chat_format, add_generation_prompt=True)
-    full = render_chat(messages, tokenizer, chat_format)
-    if not full.startswith(prompt):
-        raise ValueError("The chat template renders the prompt differently on its own; use chat_format='llama2'.")
-    return {"prompt": strip_leading_bos(prompt, tokenizer), "completion": full[len(prompt) :]}
+    return messages
 
 
-def prompt_for_generation(question: str, tokenizer, chat_format: str, system_prompt: str = "") -> str:
-    """The text a model is given to answer ``question`` (what notebooks 04 and 06 generate from)."""
-    messages = [{"role": "user", "content": question}]
-    if system_prompt:
-        messages.insert(0, {"role": "system", "content": system_prompt})
-    return strip_leading_bos(render_chat(messages, tokenizer, chat_format, add_generation_prompt=True), tokenizer)
+def to_prompt_completion(example: dict, shape: str, system_prompt: str = "") -> dict:
+    """One example in trl's conversational prompt/completion form: ``{"prompt": [...], "completion": [...]}``.
+
+    The completion is the last assistant turn. ``SFTTrainer`` renders both with the tokenizer's chat template
+    (``apply_chat_template``), so the model trains on exactly the ids it is prompted with later, and
+    ``completion_only_loss`` puts the loss on the answer and its end-of-turn token only (notebook 04).
+    """
+    messages = conversation(example, shape, system_prompt)
+    if messages is None:
+        raise ValueError(
+            "A text example is not in Llama-2's '<s>[INST] question [/INST] answer </s>' format, so it cannot be "
+            f"split into a question and an answer: {example['text'][:200]!r}"
+        )
+    return {"prompt": messages[:-1], "completion": messages[-1:]}
 
 
 def question_answer_pairs(dataset, shape: str) -> list[tuple[str, str]]:
-    """(last user turn, last assistant turn) of each example: what exact-match is measured on."""
+    """(last user turn, last assistant turn) of each example: what exact match is measured on (notebook 06)."""
     pairs = []
     for example in dataset:
-        if shape == "text":
-            head, sep, tail = example["text"].rpartition("[/INST]")
-            if not sep:
-                continue
-            question = head.rsplit("[INST]", 1)[-1].strip()
-            pairs.append((question, tail.replace("</s>", "").strip()))
+        messages = conversation(example, shape)
+        if messages is None:
             continue
-        messages = to_messages(example, shape)
         users = [m["content"] for m in messages if m["role"] == "user"]
-        pairs.append((users[-1], messages[-1]["content"].strip()))
+        pairs.append((users[-1].strip(), messages[-1]["content"].strip()))
     return pairs
-
-
-def choose_pad_token(tokenizer) -> str:
-    """Give the tokenizer a pad token that is not EOS, and return which one was chosen.
-
-    Notebook 02 explains why: with ``pad_token = eos_token`` (as in the seeds),
-    the language-modelling collator masks every pad position out of the loss,
-    and with it the real EOS, so the model never learns to stop. Order of choice:
-    the tokenizer's own pad token, a reserved pad token in the vocabulary
-    (Llama-3 has ``<|finetune_right_pad_id|>``), then ``<unk>`` (Llama-2).
-    """
-    if tokenizer.pad_token is not None and tokenizer.pad_token != tokenizer.eos_token:
-        return tokenizer.pad_token
-    vocab = tokenizer.get_vocab()
-    for candidate in ("<pad>", "<|finetune_right_pad_id|>", "<|pad|>", "[PAD]"):
-        if candidate in vocab and candidate != tokenizer.eos_token:
-            tokenizer.pad_token = candidate
-            return candidate
-    if tokenizer.unk_token is not None and tokenizer.unk_token != tokenizer.eos_token:
-        tokenizer.pad_token = tokenizer.unk_token
-        return tokenizer.unk_token
-    raise ValueError(
-        "This tokenizer has no token to pad with other than EOS. Add one with "
-        "tokenizer.add_special_tokens({'pad_token': '<pad>'}) and model.resize_token_embeddings(len(tokenizer))."
-    )
 
 
 def check_lengths(lengths: list[int], max_length: int) -> int:
@@ -241,19 +189,22 @@ def check_lengths(lengths: list[int], max_length: int) -> int:
     return too_long
 
 
-def token_lengths(dataset, tokenizer) -> list[int]:
-    """Tokens per prompt + completion example, as the trainer will see them (notebook 04's length check)."""
-    return [len(tokenizer(ex["prompt"] + ex["completion"])["input_ids"]) for ex in dataset]
+def token_ids(example: dict, tokenizer) -> tuple[list[int], list[int]]:
+    """(prompt ids, completion ids) of one prompt/completion example, as the trainer will see them."""
+    from lora_helpers import chat
+
+    return chat.prompt_and_completion_ids(tokenizer, example["prompt"], example["completion"])
 
 
 def length_report(dataset, tokenizer, max_length: int) -> dict:
     """Token lengths, and how many examples ``max_length`` truncates or drops (notebook 04, "Choosing max_length").
 
-    Truncated: the example loses the end of its answer and its EOS. Dropped: the prompt alone fills
-    ``max_length``, no answer token is left, and the trainer skips the example.
+    Truncated: the example loses the end of its answer and its end-of-turn token. Dropped: the prompt alone
+    fills ``max_length``, no answer token is left, and the example teaches nothing.
     """
-    lengths = token_lengths(dataset, tokenizer)
-    dropped = sum(len(tokenizer(example["prompt"])["input_ids"]) >= max_length for example in dataset)
+    split = [token_ids(example, tokenizer) for example in dataset]
+    lengths = [len(prompt) + len(completion) for prompt, completion in split]
+    dropped = sum(len(prompt) >= max_length for prompt, _ in split)
     truncated = check_lengths(lengths, max_length)
     return {
         "examples": len(lengths),

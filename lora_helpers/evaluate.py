@@ -5,42 +5,48 @@ Taught in notebook 06 (section "Did it learn?"); notebook 04 uses it for a first
 
 from __future__ import annotations
 
-from lora_helpers import data
+
+def greedy(max_new_tokens: int, **extra) -> dict:
+    """``generate`` arguments for greedy decoding, whatever the model's own generation config says.
+
+    Llama-2 and Llama-3 chat models ship a generation config that samples (``do_sample=True``,
+    temperature 0.6, top-p 0.9): without ``do_sample=False`` the same question gets a different answer each time.
+    Temperature and top-p are set to their neutral values so that transformers has nothing to warn about, and
+    ``max_length`` (4096 in Llama-2's config) gives way to ``max_new_tokens``. The stop tokens stay the model's
+    own (Llama-3 stops at ``<|eot_id|>``, ``<|eom_id|>`` or ``<|end_of_text|>``).
+    """
+    return dict(do_sample=False, temperature=1.0, top_p=1.0, max_length=None, max_new_tokens=max_new_tokens, **extra)
 
 
 def generate_answers(
     model,
     tokenizer,
     questions: list[str],
-    chat_format: str,
     system_prompt: str = "",
     max_new_tokens: int = 64,
     batch_size: int = 8,
 ) -> list[str]:
-    """Greedy answers, one per question, decoded without special tokens.
+    """Greedy answers, one per question, prompted through the tokenizer's chat template.
 
-    Prompts are padded on the left so every answer starts right after its own prompt.
+    The prompt ids are ``apply_chat_template(messages, add_generation_prompt=True)``'s, as ``pipeline``,
+    llama.cpp and Ollama build them; batches are padded on the left so every answer starts right after its
+    prompt. Answers are decoded without special tokens.
     """
     import torch
 
+    from lora_helpers import chat
+
     answers = []
-    old_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        for start in range(0, len(questions), batch_size):
-            prompts = [
-                data.prompt_for_generation(q, tokenizer, chat_format, system_prompt)
-                for q in questions[start : start + batch_size]
-            ]
-            batch = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
-            with torch.no_grad():
-                out = model.generate(
-                    **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
-                )
-            new_tokens = out[:, batch["input_ids"].shape[1] :]
-            answers.extend(t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
-    finally:
-        tokenizer.padding_side = old_side
+    for start in range(0, len(questions), batch_size):
+        ids = [
+            chat.prompt_ids(tokenizer, chat.question_messages(q, system_prompt))
+            for q in questions[start : start + batch_size]
+        ]
+        batch = tokenizer.pad({"input_ids": ids}, padding_side="left", return_tensors="pt").to(model.device)
+        with torch.no_grad():
+            out = model.generate(**batch, **greedy(max_new_tokens, pad_token_id=tokenizer.pad_token_id))
+        new_tokens = out[:, batch["input_ids"].shape[1] :]
+        answers.extend(t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
     return answers
 
 
@@ -51,15 +57,14 @@ def exact_match_rate(predictions: list[str], references: list[str]) -> float:
     return sum(p.strip() == r.strip() for p, r in zip(predictions, references)) / len(references)
 
 
-def prompt_logits(model, tokenizer, prompts: list[str]) -> list:
-    """The logits of each prompt, as fp32 CPU tensors (notebook 05 compares models with them)."""
+def prompt_logits(model, prompts: list[list[int]]) -> list:
+    """The logits of each prompt (a list of token ids), as fp32 CPU tensors (notebook 05 compares models)."""
     import torch
 
     out = []
-    for prompt in prompts:
-        batch = tokenizer(prompt, return_tensors="pt").to(model.device)
+    for ids in prompts:
         with torch.no_grad():
-            out.append(model(**batch).logits.float().cpu())
+            out.append(model(torch.tensor([ids], device=model.device)).logits.float().cpu())
     return out
 
 
@@ -68,21 +73,19 @@ def max_difference(logits_a: list, logits_b: list) -> float:
     return max((a - b).abs().max().item() for a, b in zip(logits_a, logits_b))
 
 
-def max_logit_difference(model_a, model_b, tokenizer, prompts: list[str]) -> float:
+def max_logit_difference(model_a, model_b, prompts: list[list[int]]) -> float:
     """Largest |logit_a - logit_b| over the prompts' tokens: notebook 05's check that a merge changed nothing."""
-    return max_difference(prompt_logits(model_a, tokenizer, prompts), prompt_logits(model_b, tokenizer, prompts))
+    return max_difference(prompt_logits(model_a, prompts), prompt_logits(model_b, prompts))
 
 
-def generation_speed(model, tokenizer, prompt: str, new_tokens: int = 64, repeats: int = 2) -> float:
-    """Generated tokens per second for one prompt, greedy, always ``new_tokens`` long (notebook 06)."""
+def generation_speed(model, tokenizer, prompt: list[int], new_tokens: int = 64, repeats: int = 2) -> float:
+    """Generated tokens per second for one prompt (token ids), greedy, always ``new_tokens`` long (notebook 06)."""
     import time
 
     import torch
 
-    batch = tokenizer(prompt, return_tensors="pt").to(model.device)
-    kwargs = dict(
-        max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
-    )
+    batch = {"input_ids": torch.tensor([prompt], device=model.device)}
+    kwargs = greedy(new_tokens, min_new_tokens=new_tokens, pad_token_id=tokenizer.pad_token_id)
     with torch.no_grad():
         model.generate(**batch, **kwargs)  # warm-up: kernels, caches
         if torch.cuda.is_available():

@@ -1,33 +1,39 @@
-"""GGUF export of a merged Llama model, for llama.cpp and Ollama (seed 002), written with the ``gguf`` package.
+"""GGUF export of a merged Llama model, for llama.cpp and Ollama, written with the ``gguf`` package.
 
-Taught in notebook 05 (section "Export to GGUF") and run in notebook 06. The
-seed clones llama.cpp and runs its ``convert_hf_to_gguf.py``; here the same
-file is written from Python with ``gguf`` (from PyPI), so it also works offline:
-model hyper-parameters, the tokenizer (byte-level BPE with its merges), the chat
-template, and every weight, renamed to llama.cpp's names. Two details matter:
-the query and key rows are permuted to llama.cpp's rotary layout, and the
-pre-tokenizer name must match the tokenizer's splitting rule, or llama.cpp
-tokenizes differently from transformers.
+Taught in notebook 05 (section "Export to GGUF") and run in notebook 06. The Llama-3.2 GGUF/Ollama recipe
+clones llama.cpp and runs its ``convert_hf_to_gguf.py``; here the same file is written from Python with
+``gguf`` (from PyPI), so it also works offline, for each Llama family the course trains:
 
-Supported: Llama-architecture models with a byte-level BPE tokenizer (the tiny
-model, Llama-3). Llama-2's SentencePiece tokenizer needs llama.cpp's own
-converter: the error says how.
+- **tokenizer**: Llama-2's SentencePiece vocabulary through ``gguf.LlamaHfVocab`` (llama.cpp's "llama"
+  tokenizer), Llama-3's and the tiny model's byte-level BPE with their merges (llama.cpp's "gpt2" tokenizer),
+  the special tokens, BOS/EOS/pad and the chat template through ``gguf.SpecialVocab``. Added special tokens
+  (``<|start_header_id|>``, ``<|eot_id|>``, ...) are typed as control tokens: otherwise llama.cpp splits them
+  into characters and the model is prompted with ids it has never seen;
+- **rope**: the query and key rows are permuted to llama.cpp's rotary layout, and Llama-3.1/3.2's ``llama3``
+  rope scaling is written as llama.cpp's ``rope_freqs`` tensor of per-frequency factors;
+- **tied embeddings** (Llama-3.2): no output tensor; llama.cpp reuses the token embeddings;
+- **memory**: tensors are read and written one at a time, so an 8B export holds about one tensor in RAM,
+  not the model (Colab has 12.7 GB).
+
+The test of all this is llama.cpp itself: notebook 06 and ``tests/test_gguf_export.py`` check, per family,
+that llama.cpp tokenizes the chat-templated prompt to the same ids as transformers and answers the same.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 
-from lora_helpers import data
+from lora_helpers import chat
 
 FILE_TYPES = ("F32", "F16", "Q8_0")  # written here; Q4_K_M is made from F16 by llama.cpp (quantize_gguf)
 LLAMA3_SPLIT = "(?i:'s|'t|'re|'ve|'m|'ll|'d)"  # the start of Llama-3's pre-tokenizer regex
-NOT_BYTE_LEVEL_BPE = (
-    "The tokenizer is not byte-level BPE (Llama-2 uses SentencePiece). For such models use llama.cpp's "
-    "converter, as seed 002 does: python convert_hf_to_gguf.py run_dir/merged --outfile model.gguf"
+UNSUPPORTED = (
+    "GGUF export here writes Llama-architecture models; this one is {kind!r}. For other architectures use "
+    "llama.cpp's own converter: python convert_hf_to_gguf.py run_dir/merged --outfile model.gguf"
 )
 
 TENSOR_NAMES = {
@@ -66,78 +72,127 @@ def permute_for_rope(weight: np.ndarray, n_head: int) -> np.ndarray:
     return weight.reshape(n_head, 2, rows // n_head // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
+def llama3_rope_factors(rope: dict, head_dim: int) -> np.ndarray:
+    """Llama-3.1's rope scaling as one factor per frequency (llama.cpp's ``rope_freqs`` tensor).
+
+    Frequencies whose wavelength is shorter than ``original_max_position_embeddings / high_freq_factor`` are
+    kept, longer than ``.../ low_freq_factor`` divided by ``factor``, and those between interpolated, as
+    transformers' ``_compute_llama3_parameters`` does.
+    """
+    base, factor = rope["rope_theta"], rope["factor"]
+    low, high = rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
+    old_context = rope.get("original_max_position_embeddings", 8192)
+    factors = []
+    for i in range(0, head_dim, 2):
+        wavelength = 2 * math.pi * base ** (i / head_dim)
+        if wavelength < old_context / high:
+            factors.append(1.0)
+        elif wavelength > old_context / low:
+            factors.append(factor)
+        else:
+            smooth = (old_context / wavelength - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(factors, dtype=np.float32)
+
+
 def pre_tokenizer_name(tokenizer_json: dict) -> str:
-    """llama.cpp's name for the tokenizer's splitting rule: "gpt-2" (plain byte-level) or "llama-bpe" (Llama-3)."""
+    """llama.cpp's name for a byte-level BPE tokenizer's splitting rule: "llama-bpe" (Llama-3) or "gpt-2"."""
     text = json.dumps(tokenizer_json.get("pre_tokenizer"))
     if LLAMA3_SPLIT in text or LLAMA3_SPLIT.replace("'", "\\u0027") in text:
         return "llama-bpe"
     if '"ByteLevel"' in text:
         return "gpt-2"
-    raise ValueError(NOT_BYTE_LEVEL_BPE)
+    raise ValueError(f"Unknown pre-tokenizer {text[:200]}: use llama.cpp's convert_hf_to_gguf.py for this model.")
+
+
+def space_after_special_token(tokenizer) -> bool:
+    """Does transformers start text that follows a special token with SentencePiece's ``▁``?
+
+    llama.cpp's SentencePiece tokenizer has one switch for this (``add_space_prefix``): it puts ``▁`` in front
+    of the text after *every* special token, or never. transformers (``legacy=False``) puts it only at the very
+    start of a text, never after ``<s>``. Chat prompts always start with a special token, so the file copies
+    what transformers does there: then llama.cpp and transformers give a chat prompt the same ids.
+    """
+    ids = tokenizer(tokenizer.bos_token + "a", add_special_tokens=False)["input_ids"]
+    return tokenizer.convert_ids_to_tokens(ids[1]).startswith("\u2581")
+
+
+def _sentencepiece_vocabulary(writer, merged_dir: Path, tokenizer) -> int:
+    """Llama-2's vocabulary: tokens and types from ``gguf.LlamaHfVocab``; scores in SentencePiece's order."""
+    import gguf
+
+    tokens, scores, types = [], [], []
+    for index, (text, score, kind) in enumerate(gguf.LlamaHfVocab(merged_dir).all_tokens()):
+        tokens.append(text)
+        types.append(kind)
+        # LlamaHfVocab writes a placeholder score. llama.cpp merges the pair with the highest score first, and a
+        # SentencePiece BPE vocabulary is ordered by merge: the score of a piece is minus its id.
+        scores.append(-float(index) if kind == gguf.TokenType.NORMAL else score)
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_add_space_prefix(space_after_special_token(tokenizer))
+    return len(tokens)
+
+
+def _byte_level_vocabulary(writer, tokenizer_json: dict, tokenizer) -> int:
+    """Byte-level BPE (Llama-3, the tiny model): added special tokens typed as control tokens."""
+    import gguf
+
+    vocab = tokenizer.get_vocab()
+    tokens = [None] * len(vocab)
+    for token, index in vocab.items():
+        tokens[index] = token
+    added = tokenizer.added_tokens_decoder
+    types = []
+    for index in range(len(tokens)):
+        if index in added:
+            types.append(gguf.TokenType.CONTROL if added[index].special else gguf.TokenType.USER_DEFINED)
+        else:
+            types.append(gguf.TokenType.NORMAL)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre_tokenizer_name(tokenizer_json))
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    return len(tokens)
 
 
 def _tokenizer_metadata(writer, merged_dir: Path, tokenizer) -> None:
     import gguf
 
     tokenizer_json = json.loads((merged_dir / "tokenizer.json").read_text())
-    if tokenizer_json["model"]["type"] != "BPE" or not tokenizer_json["model"].get("merges"):
-        raise ValueError(NOT_BYTE_LEVEL_BPE)
-    vocab = tokenizer.get_vocab()
-    tokens = [None] * len(vocab)
-    for token, index in vocab.items():
-        tokens[index] = token
-    special = set(tokenizer.all_special_ids)
-    types = [gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL for i in range(len(tokens))]
-    merges = [m if isinstance(m, str) else " ".join(m) for m in tokenizer_json["model"]["merges"]]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre_tokenizer_name(tokenizer_json))
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(merges)
-    for name, token_id in (
-        ("bos", tokenizer.bos_token_id),
-        ("eos", tokenizer.eos_token_id),
-        ("pad", tokenizer.pad_token_id),
-        ("unk", tokenizer.unk_token_id),
-    ):
-        if token_id is not None:
-            getattr(writer, f"add_{name}_token_id")(token_id)
-    writer.add_add_bos_token(data.tokenizer_adds_bos(tokenizer))
-    if tokenizer.chat_template:
-        writer.add_chat_template(tokenizer.chat_template)
+    model = tokenizer_json["model"]
+    if model["type"] == "BPE" and model.get("byte_fallback"):  # SentencePiece converted to tokenizer.json
+        n_vocab, byte_level = _sentencepiece_vocabulary(writer, merged_dir, tokenizer), False
+    elif model["type"] == "BPE" and model.get("merges"):
+        n_vocab, byte_level = _byte_level_vocabulary(writer, tokenizer_json, tokenizer), True
+    else:
+        raise ValueError(UNSUPPORTED.format(kind=f"{model['type']} tokenizer"))
+    special = gguf.SpecialVocab(merged_dir, load_merges=byte_level, n_vocab=n_vocab)
+    special.add_special_token["bos"] = chat.tokenizer_adds_bos(tokenizer)
+    special.add_to_gguf(writer, quiet=True)
 
 
-def export_gguf(merged_dir: str | Path, out_path: str | Path, file_type: str = "F16") -> Path:
-    """Write the merged model in ``merged_dir`` as a GGUF file (F32, F16 or Q8_0), atomically."""
+def _hyperparameters(writer, config, name: str, file_type: str) -> int:
     import gguf
-    from safetensors.numpy import load_file
-    from transformers import AutoConfig, AutoTokenizer
 
-    if file_type not in FILE_TYPES:
-        raise ValueError(f"file_type={file_type!r}: write one of {FILE_TYPES}; make Q4_K_M with quantize_gguf().")
-    merged_dir, out_path = Path(merged_dir), Path(out_path)
-    config = AutoConfig.from_pretrained(merged_dir)
-    if config.model_type != "llama":
-        raise ValueError(
-            f"GGUF export here supports Llama models; this one is {config.model_type!r}. "
-            "Use llama.cpp's convert_hf_to_gguf.py for other architectures."
-        )
-    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
-    n_head, n_kv = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
+    n_head = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
-
-    tmp = out_path.with_name(f".{out_path.name}.partial")
-    writer = gguf.GGUFWriter(tmp, arch="llama")
-    writer.add_name(merged_dir.parent.name or "model")
+    rope = getattr(config, "rope_parameters", None) or {}
+    writer.add_name(name)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
     writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(n_head)
-    writer.add_head_count_kv(n_kv)
+    writer.add_head_count_kv(config.num_key_value_heads or n_head)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
     writer.add_rope_dimension_count(head_dim)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_rope_freq_base(float((getattr(config, "rope_parameters", None) or {}).get("rope_theta", 10000.0)))
+    writer.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(
         {
@@ -146,32 +201,92 @@ def export_gguf(merged_dir: str | Path, out_path: str | Path, file_type: str = "
             "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
         }[file_type]
     )
-    _tokenizer_metadata(writer, merged_dir, tokenizer)
+    return head_dim
 
-    weights = {}
+
+def _tensor_sources(merged_dir: Path, config) -> dict:
+    """``{hf name: shard file}`` of every tensor to write; tied models have no ``lm_head`` to write."""
+    from safetensors import safe_open
+
+    sources = {}
     for shard in sorted(merged_dir.glob("*.safetensors")):
-        weights.update(load_file(shard))
-    if "lm_head.weight" not in weights:  # tied embeddings
-        weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
-    for name, array in weights.items():
-        array = array.astype(np.float32)
-        if name.endswith("self_attn.q_proj.weight"):
-            array = permute_for_rope(array, n_head)
-        elif name.endswith("self_attn.k_proj.weight"):
-            array = permute_for_rope(array, n_kv)
-        if array.ndim == 1 or file_type == "F32":  # norms stay in F32 in every file type
-            writer.add_tensor(gguf_name(name), array)
-        elif file_type == "F16":
-            writer.add_tensor(gguf_name(name), array.astype(np.float16))
-        else:
-            quantized = gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0)
-            writer.add_tensor(gguf_name(name), quantized, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        with safe_open(shard, "pt") as f:
+            sources.update({name: shard for name in f.keys()})
+    if config.tie_word_embeddings:
+        sources.pop("lm_head.weight", None)  # llama.cpp reads the output head from token_embd
+    return sources
+
+
+def _convert(name: str, array: np.ndarray, config, file_type: str):
+    """One tensor as it goes into the file: (array, raw GGML type or None)."""
+    import gguf
+
+    if name.endswith("self_attn.q_proj.weight"):
+        array = permute_for_rope(array, config.num_attention_heads)
+    elif name.endswith("self_attn.k_proj.weight"):
+        array = permute_for_rope(array, config.num_key_value_heads or config.num_attention_heads)
+    if array.ndim == 1 or file_type == "F32":  # norms stay in F32 in every file type
+        return array.astype(np.float32), None
+    if file_type == "F16":
+        return array.astype(np.float16), None
+    return gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
+
+
+def export_gguf(merged_dir: str | Path, out_path: str | Path, file_type: str = "F16") -> Path:
+    """Write the merged model in ``merged_dir`` as a GGUF file (F32, F16 or Q8_0), atomically, one tensor at a time."""
+    import gguf
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoTokenizer
+
+    if file_type not in FILE_TYPES:
+        raise ValueError(f"file_type={file_type!r}: write one of {FILE_TYPES}; make Q4_K_M with quantize_gguf().")
+    merged_dir, out_path = Path(merged_dir), Path(out_path)
+    config = AutoConfig.from_pretrained(merged_dir)
+    if config.model_type != "llama":
+        raise ValueError(UNSUPPORTED.format(kind=config.model_type))
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+
+    tmp = out_path.with_name(f".{out_path.name}.partial")
+    writer = gguf.GGUFWriter(tmp, arch="llama")
     try:
+        head_dim = _hyperparameters(writer, config, merged_dir.parent.name or "model", file_type)
+        _tokenizer_metadata(writer, merged_dir, tokenizer)
+        rope = getattr(config, "rope_parameters", None) or {}
+        extra = {"rope_freqs.weight": llama3_rope_factors(rope, head_dim)} if rope.get("rope_type") == "llama3" else {}
+
+        # Pass 1: the tensor table (names, shapes, types, sizes), written before any data.
+        sources = _tensor_sources(merged_dir, config)
+        for name, shard in sources.items():
+            with safe_open(shard, "pt") as f:
+                shape = tuple(f.get_slice(name).get_shape())
+            kind = gguf.GGMLQuantizationType.Q8_0 if file_type == "Q8_0" and len(shape) > 1 else None
+            itemsize = 4 if len(shape) == 1 or file_type == "F32" else 2
+            nbytes = (
+                gguf.quant_shape_to_byte_shape(shape, kind)[-1] * math.prod(shape[:-1])
+                if kind
+                else (math.prod(shape) * itemsize)
+            )
+            dtype = np.float32 if itemsize == 4 else np.float16
+            writer.add_tensor_info(gguf_name(name), shape, np.dtype(dtype), nbytes, raw_dtype=kind)
+        for name, array in extra.items():
+            writer.add_tensor_info(name, array.shape, array.dtype, array.nbytes)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-    finally:
+        writer.write_ti_data_to_file()
+        # Pass 2: the data, one tensor in memory at a time.
+        for name, shard in sources.items():
+            with safe_open(shard, "pt") as f:
+                array = f.get_tensor(name).to(torch.float32).numpy()
+            writer.write_tensor_data(_convert(name, array, config, file_type)[0])
+            del array
+        for array in extra.values():
+            writer.write_tensor_data(array)
+    except BaseException:
         writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    writer.close()
     tmp.replace(out_path)
     return out_path
 
@@ -192,18 +307,58 @@ def quantize_gguf(f16_path: str | Path, out_path: str | Path, kind: str = "Q4_K_
     return Path(out_path)
 
 
-OLLAMA_LLAMA2_TEMPLATE = "[INST] {{ if .System }}<<SYS>>\n{{ .System }}\n<</SYS>>\n\n{{ end }}{{ .Prompt }} [/INST]"
+def ollama_template(tokenizer) -> str:
+    """The model's chat template for one turn, in Ollama's template language (``{{ .System }}``, ``{{ .Prompt }}``).
+
+    Built from the tokenizer's own template, rendered with placeholders, so Ollama sends the model the text it
+    was trained on whatever the family (Llama-2's ``[INST]``, Llama-3's headers with their date lines, ...).
+    The BOS token is left out: Ollama adds it, as the GGUF file says.
+    """
+    system, prompt = "\x00SYSTEM\x00", "\x00PROMPT\x00"
+    without = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
+    with_system = tokenizer.apply_chat_template(
+        [{"role": "system", "content": system}, {"role": "user", "content": prompt}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    # The part that only a system prompt adds, between what both renderings share at the start and the end.
+    start = next((i for i, (a, b) in enumerate(zip(without, with_system)) if a != b), len(without))
+    end = 0
+    while end < len(without) - start and without[len(without) - 1 - end] == with_system[len(with_system) - 1 - end]:
+        end += 1
+    middle = with_system[start : len(with_system) - end]
+    if not middle:  # the template drops the system prompt
+        template = without
+    elif middle == system:  # always there, empty without a system prompt (Llama-3)
+        template = with_system
+    else:  # a block only a system prompt adds (Llama-2's <<SYS>>)
+        template = with_system[:start] + "{{ if .System }}" + middle + "{{ end }}" + with_system[start + len(middle) :]
+    template = template.replace(system, "{{ .System }}").replace(prompt, "{{ .Prompt }}")
+    if tokenizer.bos_token and template.startswith(tokenizer.bos_token) and chat.tokenizer_adds_bos(tokenizer):
+        template = template[len(tokenizer.bos_token) :]
+    return template
 
 
-def write_modelfile(gguf_path: str | Path, out_path: str | Path, chat_format: str, system_prompt: str = "") -> Path:
-    """An Ollama ``Modelfile`` with the model's chat template and stop tokens (seed 002's recipe, for Llama-2)."""
-    gguf_path = Path(gguf_path)
-    lines = [f"FROM ./{gguf_path.name}"]
-    if chat_format == "llama2":
-        lines.append(f'TEMPLATE """{OLLAMA_LLAMA2_TEMPLATE}"""')
-        stops = ["</s>", "[INST]"]
-    else:  # Ollama reads the Jinja chat template stored in the GGUF file for most templates
-        stops = ["<|eot_id|>", "<|end_of_text|>"]
+def write_modelfile(
+    gguf_path: str | Path, out_path: str | Path, merged_dir: str | Path, system_prompt: str = ""
+) -> Path:
+    """An Ollama ``Modelfile``: the GGUF file, the model's chat template, its stop tokens, greedy decoding.
+
+    Taught in notebook 05; then ``ollama create my-model -f Modelfile`` and ``ollama run my-model``.
+    """
+    from transformers import AutoTokenizer, GenerationConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    eos = (
+        GenerationConfig.from_pretrained(merged_dir).eos_token_id
+        if (Path(merged_dir) / "generation_config.json").exists()
+        else None
+    )
+    eos = eos if isinstance(eos, list) else [eos if eos is not None else tokenizer.eos_token_id]
+    stops = list(dict.fromkeys(tokenizer.convert_ids_to_tokens(eos)))
+    lines = [f"FROM ./{Path(gguf_path).name}", f'TEMPLATE """{ollama_template(tokenizer)}"""']
     if system_prompt:
         lines.append(f'SYSTEM """{system_prompt}"""')
     lines += [f'PARAMETER stop "{s}"' for s in stops]

@@ -10,13 +10,13 @@ from __future__ import annotations
 import os
 import warnings
 
-from lora_helpers import data, presets, tiny
+from lora_helpers import chat, tiny
 
 
 def resolve_model_path(model_id: str) -> str:
-    """``"tiny"`` becomes the tiny model's directory (built on first use); anything else is left alone."""
-    if model_id == presets.TINY_MODEL_ID:
-        return str(tiny.tiny_model_dir())
+    """``"tiny"``, ``"tiny-llama2"``, ``"tiny-llama3"`` become their directories (built on first use)."""
+    if model_id in tiny.TINY_MODELS:
+        return str(tiny.tiny_model_dir(model_id))
     return model_id
 
 
@@ -56,8 +56,9 @@ def warn_remote_code(model_id: str, trust_remote_code: bool) -> bool:
     return trust_remote_code
 
 
-def load_tokenizer(model_id: str, trust_remote_code: bool = False):
-    """The tokenizer, with a pad token that is not EOS (see ``data.choose_pad_token``)."""
+def load_tokenizer(model_id: str, trust_remote_code: bool = False, chat_format: str | None = None):
+    """The tokenizer, with a pad token that is not EOS (``chat.choose_pad_token``) and, when ``chat_format`` is
+    given, the chat template to train and generate with (``chat.use_chat_format``)."""
     from transformers import AutoTokenizer
 
     path = resolve_model_path(model_id)
@@ -67,8 +68,39 @@ def load_tokenizer(model_id: str, trust_remote_code: bool = False):
         )
     except Exception as error:
         raise explain_load_error(model_id, error) from error
-    data.choose_pad_token(tokenizer)
+    chat.choose_pad_token(tokenizer)
+    if chat_format is not None:
+        chat.use_chat_format(tokenizer, chat_format)
     return tokenizer
+
+
+def match_vocabulary(model, tokenizer) -> int:
+    """Grow the model's embeddings when the tokenizer has more tokens (a pad token had to be added). Notebook 02.
+
+    The new rows start at the mean of the others (transformers' default), the same on every load, so a saved
+    adapter fits the resized base again. Returns the number of rows added.
+    """
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) <= rows:
+        return 0
+    model.resize_token_embeddings(len(tokenizer))
+    return len(tokenizer) - rows
+
+
+def keep_4bit_weights_as_loaded(model) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights for AVX512-BF16 CPUs; returns the layers changed.
+
+    On a CPU with AVX512-BF16 (recent Xeons, AMD Zen 4 and newer) bitsandbytes rewrites each ``Linear4bit``
+    weight in place after its first forward pass without gradients (an evaluation, a generation). From then on
+    the LoRA gradients through that layer are wrong (96% off on tiny) while the loss looks normal. Taught briefly
+    in notebook 04; Unsloth's CPU loader sets the same switch. GPUs are not affected.
+    """
+    changed = 0
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+            changed += 1
+    return changed
 
 
 def bnb_4bit_config():
@@ -125,6 +157,9 @@ def load_model(
     if torch.cuda.is_available():
         kwargs["device_map"] = device_map or {"": 0}
     try:
-        return AutoModelForCausalLM.from_pretrained(resolve_model_path(model_id), **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(resolve_model_path(model_id), **kwargs)
     except Exception as error:
         raise explain_load_error(model_id, error) from error
+    if load_in_4bit and not torch.cuda.is_available():
+        keep_4bit_weights_as_loaded(model)
+    return model

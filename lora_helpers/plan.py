@@ -60,12 +60,34 @@ def meta_model(config):
     return model
 
 
+def config_sizes(config) -> dict:
+    """Hidden size, MLP size, heads, key/value heads and head size under any architecture's names.
+
+    Llama calls them ``hidden_size``, ``intermediate_size``, ``num_key_value_heads``; GPT-NeoX has no
+    key/value heads (every head has its own), OPT calls the MLP ``ffn_dim``, GPT-2 ``n_embd`` and ``n_inner``.
+    """
+    first = lambda *names, default=None: next(  # noqa: E731
+        (getattr(config, n) for n in names if getattr(config, n, None) is not None), default
+    )
+    hidden = first("hidden_size", "n_embd", "d_model")
+    heads = first("num_attention_heads", "n_head")
+    return {
+        "hidden": hidden,
+        "intermediate": first("intermediate_size", "ffn_dim", "n_inner", default=4 * hidden),
+        "heads": heads,
+        "kv_heads": first("num_key_value_heads", "multi_query_group_num", default=heads),
+        "head_dim": first("head_dim", default=hidden // heads),
+        "layers": first("num_hidden_layers", "n_layer"),
+        "vocab": config.vocab_size,
+    }
+
+
 def activation_bytes_per_token_per_layer(config, compute_bytes: int = 2) -> int:
     """Tensors the backward pass keeps for one token in one decoder layer (norm outputs, q/k/v,
     attention output, residuals, the MLP's gate, up, activation and down input), in the compute dtype."""
-    h, i = config.hidden_size, config.intermediate_size
-    head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
-    kv = (config.num_key_value_heads or config.num_attention_heads) * head_dim
+    sizes = config_sizes(config)
+    h, i = sizes["hidden"], sizes["intermediate"]
+    kv = sizes["kv_heads"] * sizes["head_dim"]
     return compute_bytes * (6 * h + 2 * kv + 4 * i)
 
 
@@ -83,11 +105,12 @@ def plan(settings, compute_bytes: int = 2) -> dict:
     quantizable = memory.quantizable_parameter_count(model)
     tokens = settings.per_device_train_batch_size * settings.max_length
     per_layer = activation_bytes_per_token_per_layer(config, compute_bytes) * tokens
-    layers = config.num_hidden_layers
+    sizes = config_sizes(config)
+    layers = sizes["layers"]
     # LoRA dropout: each adapted layer keeps its own dropped-out copy of its input, and the mask (1 byte)
     adapted_inputs = sum(m.in_features for n, m in lora.linear_layers(model).items() if n.split(".")[-1] in targets)
     dropout = adapted_inputs * (compute_bytes + 1) * tokens if settings.lora_dropout > 0 else 0
-    with_checkpointing = layers * tokens * config.hidden_size * compute_bytes + per_layer + dropout / layers
+    with_checkpointing = layers * tokens * sizes["hidden"] * compute_bytes + per_layer + dropout / layers
     without_checkpointing = layers * per_layer + dropout
     unquantized_bytes = 4 if settings.load_in_4bit else compute_bytes  # fp32 after prepare_model_for_kbit_training
     parts = {
@@ -95,7 +118,7 @@ def plan(settings, compute_bytes: int = 2) -> dict:
         "unquantized parts": (total - quantizable) * unquantized_bytes,
         "LoRA weights+grads+Adam": trainable * 16,
         "activations": with_checkpointing if settings.gradient_checkpointing else without_checkpointing,
-        "logits": tokens * config.vocab_size * 4 * 2,
+        "logits": tokens * sizes["vocab"] * 4 * 2,
     }
     parts["overhead"] = 0.5 * GB + 0.1 * sum(parts.values())
     peak = sum(parts.values())

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-TINY_MODEL_ID = "tiny"  # stands for the model lora_helpers.tiny builds offline
+TINY_MODEL_ID = "tiny"  # stands for the model lora_helpers.tiny builds offline (also "tiny-llama2", "tiny-llama3")
 LLAMA_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 LLAMA_ALL_LINEAR = (*LLAMA_ATTENTION, "gate_proj", "up_proj", "down_proj")
 
@@ -24,7 +24,7 @@ class Settings:
     description: str
     model_id: str  # a hub id, a local model directory, or "tiny"
     dataset: str  # a hub id, a local .jsonl/.json/.csv/.parquet file, or "package:NAME"
-    chat_format: str  # "llama2": <s>[INST] ... [/INST] ... </s>; "template": the tokenizer's chat template
+    chat_format: str  # "auto": the tokenizer's chat template, Llama-2's when it has none; "template"; "llama2"
     system_prompt: str
     load_in_4bit: bool  # QLoRA: NF4 weights with double quantization
     lora_r: int
@@ -57,7 +57,7 @@ PRESETS: dict[str, Settings] = {
         description="A tiny random-weight Llama built offline; trains in seconds on a CPU. For CI and a first look.",
         model_id=TINY_MODEL_ID,
         dataset="package:about_me.jsonl",
-        chat_format="llama2",
+        chat_format="auto",
         system_prompt="",
         load_in_4bit=True,
         lora_r=16,
@@ -80,12 +80,28 @@ PRESETS: dict[str, Settings] = {
         seed=0,
         seed_doc="000 (about-me data), scaled down",
     ),
+}
+# The tiny recipe on the tiny twins of the real families (lora_helpers.tiny): rehearse a Llama-2 or a Llama-3
+# run offline, SentencePiece and no pad token, or Llama-3's template, special tokens, rope and tied embeddings.
+PRESETS["tiny-llama2"] = dataclasses.replace(
+    PRESETS["tiny"],
+    preset="tiny-llama2",
+    description="The tiny recipe on a Llama-2 twin: SentencePiece, no pad token, Meta's template. CPU, offline.",
+    model_id="tiny-llama2",
+)
+PRESETS["tiny-llama3"] = dataclasses.replace(
+    PRESETS["tiny"],
+    preset="tiny-llama3",
+    description="The tiny recipe on a Llama-3 twin: its template, special tokens, llama3 rope, tied embeddings.",
+    model_id="tiny-llama3",
+)
+PRESETS |= {
     "llama2-7b-about-me": Settings(
         preset="llama2-7b-about-me",
         description="Llama-2-7B chat learns a persona from 48 question-answer pairs (seed 000's recipe).",
         model_id="NousResearch/Llama-2-7b-chat-hf",  # ungated mirror of meta-llama/Llama-2-7b-chat-hf
         dataset="package:about_me.jsonl",
-        chat_format="llama2",
+        chat_format="auto",
         system_prompt="",
         load_in_4bit=True,
         lora_r=8,
@@ -113,7 +129,7 @@ PRESETS: dict[str, Settings] = {
         description="QLoRA of Llama-2-7B chat on guanaco-llama2-1k, 1 epoch (seed 003's recipe).",
         model_id="NousResearch/Llama-2-7b-chat-hf",
         dataset="mlabonne/guanaco-llama2-1k",
-        chat_format="llama2",
+        chat_format="auto",
         system_prompt="",
         load_in_4bit=True,
         lora_r=64,
@@ -141,7 +157,7 @@ PRESETS: dict[str, Settings] = {
         description="QLoRA of Llama-3.2-3B Instruct on all seven projections (seed 002's recipe). Gated: needs a token.",
         model_id="meta-llama/Llama-3.2-3B-Instruct",
         dataset="package:about_me.jsonl",
-        chat_format="template",
+        chat_format="auto",
         system_prompt="",
         load_in_4bit=True,
         lora_r=16,
@@ -169,7 +185,7 @@ PRESETS: dict[str, Settings] = {
         description="QLoRA of Llama-3.1-8B Instruct on q,k,v,o (seed 001's recipe). Gated: needs a token.",
         model_id="meta-llama/Llama-3.1-8B-Instruct",
         dataset="HuggingFaceH4/no_robots",
-        chat_format="template",
+        chat_format="auto",
         system_prompt="",
         load_in_4bit=True,
         lora_r=16,
@@ -260,8 +276,8 @@ def check_settings(s: Settings) -> None:
         problems.append(f"lora_alpha={s.lora_alpha}: alpha must be positive (typical: r or 2*r).")
     if not 0 <= s.lora_dropout < 1:
         problems.append(f"lora_dropout={s.lora_dropout}: dropout must be in [0, 1).")
-    if s.chat_format not in ("llama2", "template"):
-        problems.append(f"chat_format={s.chat_format!r}: use 'llama2' or 'template'.")
+    if s.chat_format not in ("auto", "template", "llama2"):
+        problems.append(f"chat_format={s.chat_format!r}: use 'auto', 'template' or 'llama2'.")
     if not 0 <= s.eval_fraction < 1:
         problems.append(f"eval_fraction={s.eval_fraction}: must be in [0, 1).")
     for name in (

@@ -1,11 +1,23 @@
-"""The tiny Llama: a real model directory, built offline, for CPU runs, tests and CI.
+"""Tiny models built offline: ``tiny`` for a first look, and tiny twins of the presets' real model families.
 
-Taught in notebook 01 (what the tiny preset is) and used by every notebook when
-``preset="tiny"``. The model has the Llama architecture (RMSNorm, rotary
-attention with grouped-query heads, SwiGLU MLP) with random weights, and a
-byte-level BPE tokenizer trained here on the course's own data, with a Llama-2
-chat template. ``AutoModelForCausalLM`` and ``AutoTokenizer`` load it like any
-hub model, so every notebook runs the same code on it as on Llama-2-7B.
+Taught in notebook 01 (section "Presets") and used by every notebook when the preset's model is one of them.
+Each is a real model directory (safetensors, tokenizer, chat template, generation config) with random weights
+and 2 decoder layers, loaded by ``AutoModelForCausalLM`` / ``AutoTokenizer`` like any Hub model, so every
+notebook runs the same code on it as on a 7B model. The twins keep every trait of their family that changes
+the code path, because ``tiny`` alone would hide them:
+
+- ``tiny``: a Llama with a byte-level BPE tokenizer of its own, a ``<pad>`` token and Llama-2's chat
+  template. Fast, forgiving, like no real checkpoint.
+- ``tiny-llama2`` (Llama-2-7B chat): a SentencePiece BPE tokenizer with byte fallback, trained here with
+  ``sentencepiece`` and saved as Meta's repositories are (``tokenizer.model`` and ``tokenizer.json``,
+  ``legacy=False``, BOS added, **no pad token**), Meta's chat template, multi-head attention, and
+  Llama-2-chat's generation config, which samples by default.
+- ``tiny-llama3`` (Llama-3.2-3B / 3.1-8B Instruct): byte-level BPE with Llama-3's split rule and its special
+  tokens after the vocabulary, ``<|eot_id|>`` as EOS with a list of stop tokens in the generation config,
+  the Llama-3.1 chat template (a system header with the knowledge-cutoff and date lines), **no pad token**,
+  grouped-query attention, ``llama3`` rope scaling with ``rope_theta`` 500000, and tied embeddings.
+
+The configs are the shipped ``configs/*.json`` of the real models with only the sizes shrunk.
 """
 
 from __future__ import annotations
@@ -16,30 +28,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from lora_helpers import data
+from lora_helpers import chat, data
 
-# Bump when anything below changes, so cached copies are rebuilt.
-TINY_VERSION = "tiny-llama-v1"
+# Model names the course builds instead of downloading, and the cache folder of each (bump a version when
+# anything below changes for that model, so cached copies are rebuilt).
+TINY_MODELS = {"tiny": "tiny-llama-v1", "tiny-llama2": "tiny-llama2-v1", "tiny-llama3": "tiny-llama3-v1"}
 VOCAB_SIZE = 1024
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
-
-# The Llama-2 chat template as Meta's tokenizers ship it: `<s>[INST] user [/INST] answer </s>`,
-# with an optional `<<SYS>>` block inside the first user turn.
-LLAMA2_CHAT_TEMPLATE = (
-    "{% if messages[0]['role'] == 'system' %}"
-    "{% set loop_messages = messages[1:] %}{% set system_message = messages[0]['content'] %}"
-    "{% else %}{% set loop_messages = messages %}{% set system_message = false %}{% endif %}"
-    "{% for message in loop_messages %}"
-    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
-    "{% endif %}"
-    "{% if loop.index0 == 0 and system_message != false %}"
-    "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
-    "{% else %}{% set content = message['content'] %}{% endif %}"
-    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
-    "{% elif message['role'] == 'assistant' %}{{ ' ' + content.strip() + ' ' + eos_token }}{% endif %}"
-    "{% endfor %}"
-)
 
 # Small enough to train in seconds on two CPU cores; every dimension is a multiple
 # of 64 so that bitsandbytes quantizes each weight in whole NF4 blocks.
@@ -54,6 +49,47 @@ TINY_CONFIG = dict(
     tie_word_embeddings=False,
     initializer_range=0.1,  # larger than Llama's 0.02, so logits are sharp enough to fit in a few epochs
 )
+SHRUNK = {k: TINY_CONFIG[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "initializer_range")}
+
+# Llama-3's pre-tokenizer: how text is split before byte-level BPE (contractions, words, 1-3 digits, ...).
+LLAMA3_SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
+# Llama-3.1's special tokens, in their order after the vocabulary (the real models reserve 256 places).
+LLAMA3_SPECIAL_TOKENS = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|reserved_special_token_0|>",
+    "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>",
+    "<|reserved_special_token_2|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eom_id|>",
+    "<|eot_id|>",
+    "<|python_tag|>",
+    *[f"<|reserved_special_token_{i}|>" for i in range(3, 8)],
+]
+# Llama-3.1 Instruct's chat template without its tool-calling branches: the system header always carries
+# the knowledge cutoff and a date, and every turn ends with <|eot_id|>.
+LLAMA31_CHAT_TEMPLATE = (
+    "{{- bos_token }}"
+    '{%- if not date_string is defined %}{%- set date_string = "26 Jul 2024" %}{%- endif %}'
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{%- set system_message = messages[0]['content']|trim %}{%- set messages = messages[1:] %}"
+    '{%- else %}{%- set system_message = "" %}{%- endif %}'
+    '{{- "<|start_header_id|>system<|end_header_id|>\\n\\n" }}'
+    '{{- "Cutting Knowledge Date: December 2023\\n" }}'
+    '{{- "Today Date: " + date_string + "\\n\\n" }}'
+    "{{- system_message }}"
+    '{{- "<|eot_id|>" }}'
+    "{%- for message in messages %}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim"
+    " + '<|eot_id|>' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+)
 
 
 def cache_root() -> Path:
@@ -61,17 +97,19 @@ def cache_root() -> Path:
     return Path(os.environ.get("LORA_HELPERS_CACHE", Path.home() / ".cache" / "lora_helpers"))
 
 
-def tiny_model_dir() -> Path:
-    """Return the tiny model's directory, building it on first use (a few seconds)."""
-    target = cache_root() / TINY_VERSION
+def tiny_model_dir(name: str = "tiny") -> Path:
+    """Return the directory of the tiny model ``name``, building it on first use (seconds)."""
+    if name not in TINY_MODELS:
+        raise ValueError(f"Unknown tiny model {name!r}: the course builds {', '.join(TINY_MODELS)}.")
+    target = cache_root() / TINY_MODELS[name]
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     # Build next to the target and rename into place, so an interrupted build
     # never leaves a half-written model that later runs would load.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{TINY_VERSION}-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{TINY_MODELS[name]}-", dir=target.parent))
     try:
-        build_tiny_model(tmp)
+        build_tiny_model(tmp, name=name)
         try:
             tmp.rename(target)
         except OSError:  # another process finished first: its copy is identical
@@ -83,7 +121,7 @@ def tiny_model_dir() -> Path:
 
 
 def training_corpus() -> list[str]:
-    """The course's own texts, which the tiny tokenizer is trained on."""
+    """The course's own texts, which the tiny tokenizers are trained on."""
     texts = []
     for name in ("about_me.jsonl", "persona_captain.jsonl"):
         for row in data.read_jsonl(data.packaged_data_path(name)):
@@ -91,11 +129,12 @@ def training_corpus() -> list[str]:
     for row in data.read_jsonl(data.packaged_data_path("guanaco_llama2_sample.jsonl")):
         texts.append(row["text"])
     texts.append("[INST] [/INST] <<SYS>> <</SYS>> You are a helpful assistant.")
+    texts.append("system user assistant Cutting Knowledge Date: December 2023 Today Date: 26 Jul 2024")
     return texts
 
 
 def build_tokenizer():
-    """Train a byte-level BPE tokenizer that adds `<s>` at the start, like Llama's."""
+    """``tiny``'s tokenizer: byte-level BPE trained on the course's texts, adding `<s>` in front like Llama's."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -119,36 +158,177 @@ def build_tokenizer():
         eos_token="</s>",
         unk_token="<unk>",
         pad_token="<pad>",  # its own token, not EOS: notebook 02 explains why
-        chat_template=LLAMA2_CHAT_TEMPLATE,
+        chat_template=chat.LLAMA2_CHAT_TEMPLATE,
         model_max_length=TINY_CONFIG["max_position_embeddings"],
         clean_up_tokenization_spaces=False,
     )
 
 
-def build_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
-    """Write a tiny random-weight Llama and its tokenizer to ``out_dir`` (safetensors)."""
+def build_llama2_tokenizer(out_dir: Path):
+    """A Llama-2-style tokenizer: SentencePiece BPE with byte fallback, trained here; no pad token.
+
+    Written to ``out_dir`` as Meta's repositories hold it: ``tokenizer.model`` (SentencePiece, what llama.cpp's
+    converter reads), ``tokenizer.json`` (what transformers loads) and ``tokenizer_config.json`` with
+    ``legacy: false``. Returns the tokenizer.
+    """
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as work:
+        work = Path(work)
+        # Llama-2's trainer settings (read from its tokenizer.model), with the vocabulary scaled down.
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(training_corpus()),
+            model_prefix=str(work / "tokenizer"),
+            model_type="bpe",
+            vocab_size=VOCAB_SIZE,
+            byte_fallback=True,
+            split_digits=True,
+            add_dummy_prefix=True,
+            allow_whitespace_only_pieces=True,
+            remove_extra_whitespaces=False,
+            normalization_rule_name="identity",
+            character_coverage=1.0,
+            unk_id=0,
+            bos_id=1,
+            eos_id=2,
+            pad_id=-1,
+            num_threads=1,  # the same model on every machine
+            minloglevel=2,
+        )
+        config = {
+            "tokenizer_class": "LlamaTokenizer",
+            "legacy": False,
+            "add_bos_token": True,
+            "add_eos_token": False,
+            "bos_token": "<s>",
+            "eos_token": "</s>",
+            "unk_token": "<unk>",
+            "clean_up_tokenization_spaces": False,
+            "model_max_length": 4096,
+        }
+        (work / "tokenizer_config.json").write_text(json.dumps(config))
+        tokenizer = AutoTokenizer.from_pretrained(work)  # converts tokenizer.model, as for Meta's checkpoints
+        tokenizer.chat_template = chat.LLAMA2_CHAT_TEMPLATE
+        tokenizer.save_pretrained(out_dir)
+        shutil.copy(work / "tokenizer.model", out_dir / "tokenizer.model")
+    saved = json.loads((out_dir / "tokenizer_config.json").read_text())
+    saved.update({k: config[k] for k in ("legacy", "add_bos_token", "add_eos_token", "model_max_length")})
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(saved, indent=2))
+    return tokenizer
+
+
+def build_llama3_tokenizer():
+    """A Llama-3-style tokenizer: byte-level BPE with Llama-3's split rule, special tokens after the vocabulary."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(ignore_merges=True))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(LLAMA3_SPLIT_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE - len(LLAMA3_SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(training_corpus(), trainer=trainer)
+    tok.add_special_tokens(LLAMA3_SPECIAL_TOKENS)
+    bos = "<|begin_of_text|>"
+    tok.post_processor = processors.Sequence(
+        [
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(
+                single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))]
+            ),
+        ]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=bos,
+        eos_token="<|eot_id|>",  # the Instruct models' tokenizer config; the base models end with <|end_of_text|>
+        chat_template=LLAMA31_CHAT_TEMPLATE,
+        model_max_length=131072,
+        clean_up_tokenization_spaces=True,
+    )
+
+
+def shrunk_config(shipped: str, **changes):
+    """A shipped ``configs/NAME.json`` of a real model with its sizes shrunk to the tiny ones."""
+    from transformers import LlamaConfig
+
+    values = json.loads((Path(__file__).parent / "configs" / f"{shipped}.json").read_text())
+    values.pop("torch_dtype", None)
+    values.update(SHRUNK, **changes)
+    return LlamaConfig(**values)
+
+
+def build_tiny_model(out_dir: str | Path, seed: int = 0, name: str = "tiny") -> Path:
+    """Write the tiny model ``name`` (random weights, its tokenizer and configs) to ``out_dir``."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     out_dir = Path(out_dir)
-    tokenizer = build_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        **TINY_CONFIG,
-    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if name == "tiny":
+        tokenizer = build_tokenizer()
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            **TINY_CONFIG,
+        )
+        generation = GenerationConfig(
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    elif name == "tiny-llama2":
+        tokenizer = build_llama2_tokenizer(out_dir)
+        heads = TINY_CONFIG["num_attention_heads"]
+        config = shrunk_config(
+            "llama-2-7b",
+            vocab_size=len(tokenizer),
+            num_attention_heads=heads,
+            num_key_value_heads=heads,
+            max_position_embeddings=4096,
+        )
+        # Llama-2-7b-chat-hf's generation_config.json: it samples unless told otherwise.
+        generation = GenerationConfig(
+            bos_token_id=1, eos_token_id=2, pad_token_id=0, do_sample=True, temperature=0.6, top_p=0.9, max_length=4096
+        )
+    elif name == "tiny-llama3":
+        tokenizer = build_llama3_tokenizer()
+        ids = {token: tokenizer.convert_tokens_to_ids(token) for token in LLAMA3_SPECIAL_TOKENS}
+        stops = [ids["<|end_of_text|>"], ids["<|eom_id|>"], ids["<|eot_id|>"]]
+        config = shrunk_config(
+            "llama-3.2-3b",
+            vocab_size=len(tokenizer),
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+            bos_token_id=ids["<|begin_of_text|>"],
+            eos_token_id=stops,
+        )
+        generation = GenerationConfig(
+            bos_token_id=ids["<|begin_of_text|>"], eos_token_id=stops, do_sample=True, temperature=0.6, top_p=0.9
+        )
+    else:
+        raise ValueError(f"Unknown tiny model {name!r}: the course builds {', '.join(TINY_MODELS)}.")
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
-    model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    model.generation_config = generation
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     (out_dir / "tiny_model.json").write_text(
-        json.dumps({"version": TINY_VERSION, "seed": seed, "note": "random weights, built offline"}, indent=2)
+        json.dumps(
+            {"name": name, "version": TINY_MODELS[name], "seed": seed, "note": "random weights, built offline"},
+            indent=2,
+        )
     )
     return out_dir

@@ -72,16 +72,18 @@ def sft_config(settings, output_dir, evaluation: bool, report_to: str = "none", 
 
 
 def prepare_datasets(settings, tokenizer):
-    """Load, shape-check, format as prompt/completion, and split. Returns (train, eval or None, shape, raw)."""
+    """Load, shape-check, turn into conversations, check lengths, and split. Returns (train, eval or None, shape, raw).
+
+    ``tokenizer`` must already carry the run's chat template (``models.load_tokenizer(..., chat_format=...)``).
+    """
     raw = data.load_examples(settings.dataset)
     if settings.max_examples:
         raw = raw.shuffle(seed=settings.seed).select(range(min(settings.max_examples, len(raw))))
     shape = data.detect_shape(raw.column_names)
     formatted = raw.map(
-        lambda ex: data.to_prompt_completion(ex, shape, tokenizer, settings.chat_format, settings.system_prompt),
-        remove_columns=raw.column_names,
+        lambda ex: data.to_prompt_completion(ex, shape, settings.system_prompt), remove_columns=raw.column_names
     )
-    data.check_lengths(data.token_lengths(formatted, tokenizer), settings.max_length)
+    data.check_lengths(data.length_report(formatted, tokenizer, settings.max_length)["lengths"], settings.max_length)
     if settings.eval_fraction and len(formatted) >= 10:
         split = formatted.train_test_split(test_size=settings.eval_fraction, seed=settings.seed)
         return split["train"], split["test"], shape, raw
@@ -186,10 +188,11 @@ def prepare_checkpoints(checkpoint_dir, resume: bool, overwrite: bool):
     return None
 
 
-def lora_model(settings, adapter_name: str = "default", attn_implementation: str | None = "auto"):
+def lora_model(settings, adapter_name: str = "default", attn_implementation: str | None = "auto", tokenizer=None):
     """Notebook 04's model: the base (in NF4 when ``load_in_4bit``), prepared for k-bit training, with adapters.
 
-    Used by ``train_adapter`` and the benchmark; ``attn_implementation`` as in ``models.load_model``.
+    Used by ``train_adapter`` and the benchmark; ``attn_implementation`` as in ``models.load_model``. With a
+    ``tokenizer`` that had to add a pad token, the embeddings grow to fit it (``models.match_vocabulary``).
     """
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
@@ -201,6 +204,8 @@ def lora_model(settings, adapter_name: str = "default", attn_implementation: str
         trust_remote_code=settings.trust_remote_code,
         attn_implementation=attn_implementation,
     )
+    if tokenizer is not None:
+        models.match_vocabulary(model, tokenizer)
     if settings.load_in_4bit:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=settings.gradient_checkpointing)
     config = LoraConfig(
@@ -234,8 +239,8 @@ def train_adapter(
     checkpoint_dir = f"{output_dir}-checkpoints"
     resume_from = prepare_checkpoints(checkpoint_dir, resume, overwrite)
     device.seed_everything(settings.seed)
-    tokenizer = models.load_tokenizer(settings.model_id, settings.trust_remote_code)
-    model = lora_model(settings, adapter_name)
+    tokenizer = models.load_tokenizer(settings.model_id, settings.trust_remote_code, settings.chat_format)
+    model = lora_model(settings, adapter_name, tokenizer=tokenizer)
     train, evaluation, _, _ = prepare_datasets(settings, tokenizer)
     early_stopping = bool(settings.early_stopping_patience and evaluation is not None)
     args = sft_config(settings, checkpoint_dir, evaluation is not None)
