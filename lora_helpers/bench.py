@@ -217,7 +217,7 @@ def run_variant(variant: str, model: str, preset: str, steps: int, batch_size: i
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
     from trl import SFTTrainer
 
-    from lora_helpers import device, models, training
+    from lora_helpers import chat, device, models, training
 
     overrides = {"per_device_train_batch_size": batch_size, "max_length": max_length}
     dataset = presets.get_preset(preset).dataset
@@ -227,7 +227,7 @@ def run_variant(variant: str, model: str, preset: str, steps: int, batch_size: i
         preset, model_id=model_dir(model), gradient_accumulation_steps=1, eval_fraction=0.0, **overrides
     )
     device.seed_everything(0)
-    tokenizer = models.load_tokenizer(settings.model_id)
+    tokenizer = models.load_tokenizer(settings.model_id, chat_format=settings.chat_format)
     net = training.lora_model(settings, attn_implementation=None if variant == "baseline" else "auto")
     adapters = sum(p.numel() * p.element_size() for p in net.parameters() if p.requires_grad)
     weights_mb = (net.get_memory_footprint() - adapters) / 2**20  # as training holds them: the rest in fp32
@@ -238,9 +238,11 @@ def run_variant(variant: str, model: str, preset: str, steps: int, batch_size: i
     scratch = tempfile.mkdtemp(prefix="lora-bench-")  # save_strategy="no": nothing is kept there
     quiet = dict(max_steps=total_steps, logging_steps=total_steps, save_strategy="no", dataloader_drop_last=True)
     if variant == "baseline":
-        tokenized = train.map(
-            lambda ex: tokenizer(
-                ex["prompt"] + ex["completion"], padding="max_length", truncation=True, max_length=settings.max_length
+        tokenized = train.map(  # the same ids as the course's, every example padded to max_length
+            lambda ex: tokenizer.pad(
+                {"input_ids": chat.template_ids(tokenizer, ex["prompt"] + ex["completion"])[: settings.max_length]},
+                padding="max_length",
+                max_length=settings.max_length,
             ),
             remove_columns=train.column_names,
         )

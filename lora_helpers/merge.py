@@ -26,19 +26,25 @@ def refuse_4bit_merge(model) -> None:
         )
 
 
-def load_base_for_merge(settings, merge_mode: str, dtype, device_map=None):
-    """The base model to merge into: reloaded unquantized (a), or loaded in NF4 and dequantized (b)."""
+def load_base_for_merge(settings, merge_mode: str, dtype, tokenizer, device_map=None):
+    """The base model to merge into: reloaded unquantized (a), or loaded in NF4 and dequantized (b).
+
+    Its embeddings grow to the adapter's ``tokenizer`` when training added a pad token (``models.match_vocabulary``).
+    """
     if merge_mode not in MERGE_MODES:
         raise ValueError(f"merge_mode={merge_mode!r}: use one of {MERGE_MODES}.")
     if merge_mode == "unquantized":
-        return models.load_model(
+        base = models.load_model(
             settings.model_id,
             load_in_4bit=False,
             dtype=dtype,
             device_map=device_map,
             trust_remote_code=settings.trust_remote_code,
         )
-    quantized = models.load_model(
-        settings.model_id, load_in_4bit=True, dtype=dtype, trust_remote_code=settings.trust_remote_code
-    )
-    return quantized.dequantize()  # every Linear4bit becomes nn.Linear holding its NF4 values in `dtype`
+    else:
+        quantized = models.load_model(
+            settings.model_id, load_in_4bit=True, dtype=dtype, trust_remote_code=settings.trust_remote_code
+        )
+        base = quantized.dequantize()  # every Linear4bit becomes nn.Linear holding its NF4 values in `dtype`
+    models.match_vocabulary(base, tokenizer)
+    return base

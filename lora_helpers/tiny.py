@@ -210,12 +210,12 @@ def build_llama2_tokenizer(out_dir: Path):
         (work / "tokenizer_config.json").write_text(json.dumps(config))
         tokenizer = AutoTokenizer.from_pretrained(work)  # converts tokenizer.model, as for Meta's checkpoints
         tokenizer.chat_template = chat.LLAMA2_CHAT_TEMPLATE
-        tokenizer.save_pretrained(out_dir)
         shutil.copy(work / "tokenizer.model", out_dir / "tokenizer.model")
-    saved = json.loads((out_dir / "tokenizer_config.json").read_text())
-    saved.update({k: config[k] for k in ("legacy", "add_bos_token", "add_eos_token", "model_max_length")})
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(saved, indent=2))
     return tokenizer
+
+
+# What Meta's Llama-2 tokenizer_config.json says and transformers 5 no longer writes back on save.
+LLAMA2_TOKENIZER_CONFIG = {"legacy": False, "add_bos_token": True, "add_eos_token": False, "model_max_length": 4096}
 
 
 def build_llama3_tokenizer():
@@ -325,6 +325,9 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0, name: str = "tiny") -> 
     model.generation_config = generation
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
+    if name == "tiny-llama2":
+        saved = json.loads((out_dir / "tokenizer_config.json").read_text())
+        (out_dir / "tokenizer_config.json").write_text(json.dumps({**saved, **LLAMA2_TOKENIZER_CONFIG}, indent=2))
     (out_dir / "tiny_model.json").write_text(
         json.dumps(
             {"name": name, "version": TINY_MODELS[name], "seed": seed, "note": "random weights, built offline"},

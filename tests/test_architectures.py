@@ -51,3 +51,64 @@ def test_other_architectures_load_in_4bit_and_train(arch, tiny_dir, tmp_path):
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     assert losses and all(math.isfinite(x) for x in losses)
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+
+
+def neox_tokenizer():
+    """A GPT-NeoX-style tokenizer: byte-level BPE, one `<|endoftext|>` for BOS, EOS and unknown, no pad, no template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from lora_helpers import tiny
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=960,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(tiny.training_corpus(), trainer=trainer)
+    end = "<|endoftext|>"
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=end, eos_token=end, unk_token=end)
+
+
+@pytest.mark.course
+def test_a_gpt_neox_model_runs_the_whole_course(tmp_path):
+    """`-p model_id=<a GPT-NeoX model>`: no num_key_value_heads, fused query_key_value, no pad, no chat template."""
+    import json
+
+    from transformers import GPTNeoXConfig
+
+    from lora_helpers import course
+
+    tokenizer = neox_tokenizer()
+    assert tokenizer.pad_token is None and tokenizer.chat_template is None
+    config = GPTNeoXConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        intermediate_size=256,
+        max_position_embeddings=512,
+        initializer_range=0.1,
+        **SMALL,
+    )
+    model_dir = tmp_path / "neox"
+    AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+
+    run_dir = tmp_path / "run"
+    summary = course.run_course(
+        "tiny", run_dir, params={"model_id": str(model_dir), "num_train_epochs": 30, "learning_rate": 3e-3}
+    )
+    assert summary["status"] == "ok" and len(summary["notebooks"]) == 6
+    adapter = AutoTokenizer.from_pretrained(run_dir / "adapter")
+    assert adapter.pad_token == "<pad>" and adapter.pad_token_id == len(tokenizer)  # a new token, only here
+    assert "[INST]" in adapter.chat_template  # Llama-2's format for a model that had none
+    assert json.loads((run_dir / "merge_check.json").read_text())["max_abs_logit_delta"] < 1e-4
+    assert AutoConfig.from_pretrained(run_dir / "merged").vocab_size == len(tokenizer) + 1
+    assert not (run_dir / "gguf").exists() or not list((run_dir / "gguf").glob("*.gguf"))
+    merge_nb = (run_dir / "notebooks" / "05_merge.ipynb").read_text()
+    assert "convert_hf_to_gguf.py" in merge_nb  # GGUF skipped, naming the converter to use
+    assert summary["exact_match"]["fine_tuned"] >= 0.5 and summary["exact_match"]["base"] <= 0.05

@@ -1,4 +1,6 @@
-"""The whole chain, run as a learner would run it: the course runner executes all six notebooks on `tiny`."""
+"""The whole chain, run as a learner would run it: the course runner executes all six notebooks on `tiny` and on
+the tiny twins of Llama-2 (SentencePiece, no pad token) and Llama-3 (its template, special tokens, rope, tied
+embeddings), with the same assertions for each family."""
 
 import json
 import math
@@ -10,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig
 
-from lora_helpers import course
+from lora_helpers import chat, course, evaluate, models
 
 pytestmark = pytest.mark.course
 
@@ -18,14 +20,14 @@ pytestmark = pytest.mark.course
 FAKE_TOKEN = "hf_FakeTokenForLeakTest0123456789abcdef"
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """One full course run, with a (fake) Hub token in the environment as a learner on Colab would have."""
-    run_dir = tmp_path_factory.mktemp("course_run")
+@pytest.fixture(scope="module", params=["tiny", "tiny-llama2", "tiny-llama3"])
+def run(request, tmp_path_factory):
+    """One full course run per family, with a (fake) Hub token in the environment as a learner on Colab would have."""
+    run_dir = tmp_path_factory.mktemp(f"course_run-{request.param}")
     saved = os.environ.get("HF_TOKEN")
     os.environ["HF_TOKEN"] = FAKE_TOKEN
     try:
-        summary = course.run_course("tiny", run_dir)
+        summary = course.run_course(request.param, run_dir)
     finally:
         if saved is None:
             os.environ.pop("HF_TOKEN")
@@ -113,7 +115,9 @@ def test_two_adapters_were_trained_and_switched(run):
     assert "Captain Rui Salgado" in outputs and "My name is Ada Quill." in outputs
 
 
-def test_trainer_route_of_seed_000_runs(tmp_path):
+def test_trainer_route_of_seed_000_runs(tmp_path, run):
+    if run[1]["preset"] != "tiny":
+        pytest.skip("one family is enough for the second route")
     summary = course.run_course(
         "tiny", tmp_path, only=["04"], params={"trainer_route": "trainer", "num_train_epochs": 3}
     )
@@ -125,6 +129,8 @@ def test_trainer_route_of_seed_000_runs(tmp_path):
 
 def test_the_token_appears_in_no_file_the_run_leaves(run):
     run_dir, _ = run
+    if run[1]["preset"] != "tiny":
+        pytest.skip("checked once")
     files = [p for p in run_dir.rglob("*") if p.is_file()]
     assert len(files) > 20
     leaked = [str(p) for p in files if FAKE_TOKEN.encode() in p.read_bytes()]
@@ -134,27 +140,27 @@ def test_the_token_appears_in_no_file_the_run_leaves(run):
 
 
 def test_a_second_run_into_the_same_run_dir_is_refused(run):
-    run_dir, _ = run
+    run_dir, summary = run
+    if summary["preset"] != "tiny":
+        pytest.skip("checked once")
     with pytest.raises(FileExistsError, match="already holds the results"):
-        course.run_course("tiny", run_dir)
+        course.run_course(summary["preset"], run_dir)
     assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
 
 
-def test_the_model_learned_to_stop(run, tiny_dir):
-    """Greedy generation ends with EOS right after the answer instead of running to max_new_tokens."""
+def test_the_model_learned_to_stop(run):
+    """Greedy generation ends with the family's end of turn right after the answer, not at max_new_tokens."""
     from peft import PeftModel
 
-    from lora_helpers import data, models
-
-    run_dir, _ = run
+    run_dir, summary = run
     tokenizer = models.load_tokenizer(str(run_dir / "adapter"))
-    model = PeftModel.from_pretrained(models.load_model("tiny", load_in_4bit=True), run_dir / "adapter")
+    model = PeftModel.from_pretrained(models.load_model(summary["preset"], load_in_4bit=True), run_dir / "adapter")
     split = json.loads((run_dir / "split.json").read_text())
     for question, answer in split["train"][:8]:
-        prompt = tokenizer(data.prompt_for_generation(question, tokenizer, "llama2"), return_tensors="pt")
-        output = model.generate(**prompt, max_new_tokens=40, do_sample=False)[0, prompt["input_ids"].shape[1] :]
+        ids = torch.tensor([chat.prompt_ids(tokenizer, chat.question_messages(question))])
+        output = model.generate(ids, **evaluate.greedy(40))[0, ids.shape[1] :]
         assert output[-1] == tokenizer.eos_token_id and len(output) < 40
-        assert tokenizer.decode(output[:-1]).strip() == answer
+        assert tokenizer.decode(output[:-1], skip_special_tokens=True).strip() == answer
 
 
 def test_monitoring_curves_are_logged(run):
@@ -175,14 +181,15 @@ def test_standard_loaders_work_on_what_we_save(run):
 
     run_dir, _ = run
     question, answer = json.loads((run_dir / "split.json").read_text())["train"][0]
-    prompt = f"[INST] {question} [/INST]"
+    messages = [{"role": "user", "content": question}]
     model = AutoPeftModelForCausalLM.from_pretrained(run_dir / "adapter")
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "adapter")
-    output = model.generate(**tokenizer(prompt, return_tensors="pt"), max_new_tokens=40, do_sample=False)
+    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True, return_tensors="pt")
+    output = model.generate(**inputs, max_new_tokens=40, do_sample=False)
     assert answer in tokenizer.decode(output[0], skip_special_tokens=True)
     generator = pipeline("text-generation", model=str(run_dir / "merged"))
-    text = generator(prompt, max_new_tokens=40, do_sample=False, return_full_text=False)[0]["generated_text"]
-    assert text.strip().startswith(answer.split()[0])
+    reply = generator(messages, max_new_tokens=40, do_sample=False)[0]["generated_text"][-1]
+    assert reply["role"] == "assistant" and reply["content"].strip() == answer
 
 
 def test_model_card_describes_the_run(run):
@@ -195,10 +202,17 @@ def test_model_card_describes_the_run(run):
 
 
 def test_gguf_export_runs_in_llama_cpp(run):
+    from transformers import AutoTokenizer
+
     run_dir, _ = run
     for name in ("model-F16.gguf", "model-Q8_0.gguf", "model-Q4_K_M.gguf", "Modelfile"):
         assert (run_dir / "gguf" / name).exists(), name
-    assert (run_dir / "gguf" / "Modelfile").read_text().startswith("FROM ./model-Q4_K_M.gguf")
+    modelfile = (run_dir / "gguf" / "Modelfile").read_text()
+    assert modelfile.startswith("FROM ./model-Q4_K_M.gguf")
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "merged")
+    assert f'PARAMETER stop "{tokenizer.eos_token}"' in modelfile and ("<|start_header_id|>" in modelfile) == (
+        "<|start_header_id|>" in tokenizer.chat_template
+    )
     executed = nbformat.read(run_dir / "notebooks" / "06_inference.ipynb", as_version=4)
     table = next(
         o["data"]["text/plain"]

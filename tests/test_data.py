@@ -50,30 +50,6 @@ def test_alpaca_input_is_appended_to_the_instruction():
     assert messages[0]["content"] == "Translate.\n\nbom dia"
 
 
-def test_prompt_completion_split_for_llama2(tiny_tokenizer):
-    pc = data.to_prompt_completion(QA, "messages", tiny_tokenizer, "llama2")
-    assert pc == {"prompt": "[INST] Who are you? [/INST]", "completion": " Ada. </s>"}
-
-
-def test_template_route_matches_llama2_route_on_a_llama2_template(tiny_tokenizer):
-    by_template = data.to_prompt_completion(QA, "messages", tiny_tokenizer, "template", system_prompt="Be kind.")
-    by_function = data.to_prompt_completion(QA, "messages", tiny_tokenizer, "llama2", system_prompt="Be kind.")
-    assert by_template == by_function
-    assert by_function["prompt"].startswith("[INST] <<SYS>>\nBe kind.\n<</SYS>>")
-
-
-def test_text_shape_drops_the_duplicate_bos_and_splits_at_the_answer(tiny_tokenizer):
-    pc = data.to_prompt_completion({"text": "<s>[INST] Hi [/INST] Hello </s>"}, "text", tiny_tokenizer, "llama2")
-    assert pc == {"prompt": "[INST] Hi [/INST]", "completion": " Hello </s>"}
-    ids = tiny_tokenizer(pc["prompt"] + pc["completion"])["input_ids"]
-    assert ids.count(tiny_tokenizer.bos_token_id) == 1
-
-
-def test_question_answer_pairs_for_messages_and_text():
-    assert data.question_answer_pairs([QA], "messages") == [("Who are you?", "Ada.")]
-    assert data.question_answer_pairs([{"text": "<s>[INST] Hi [/INST] Hello </s>"}], "text") == [("Hi", "Hello")]
-
-
 def test_shipped_datasets():
     about_me = data.read_jsonl(data.packaged_data_path("about_me.jsonl"))
     assert len(about_me) >= 40
@@ -116,43 +92,53 @@ def test_empty_dataset_is_refused(tmp_path):
         data.load_examples(str(path))
 
 
-def test_pad_token_is_never_eos(tiny_tokenizer):
-    import copy
-
-    tokenizer = copy.deepcopy(tiny_tokenizer)
-    tokenizer.pad_token = tokenizer.eos_token  # what the seeds do
-    chosen = data.choose_pad_token(tokenizer)
-    assert chosen != tokenizer.eos_token and tokenizer.pad_token_id != tokenizer.eos_token_id
 
 
-def test_base_model_without_template_gets_the_llama2_format(tiny_tokenizer):
-    import copy
-
-    base = copy.deepcopy(tiny_tokenizer)
-    base.chat_template = None
-    with pytest.warns(UserWarning, match="no chat template"):
-        pc = data.to_prompt_completion(QA, "messages", base, "template")
-    assert pc == data.to_prompt_completion(QA, "messages", tiny_tokenizer, "llama2")
-
-
-def test_sharegpt_system_turn_becomes_the_llama2_system_block(tiny_tokenizer):
-    example = {
-        "conversations": [
-            {"from": "system", "value": "Be brief."},
-            {"from": "human", "value": "Hi"},
-            {"from": "gpt", "value": "Hello"},
-        ]
+def test_prompt_completion_is_conversational_with_the_system_prompt_first():
+    example = data.to_prompt_completion(QA, "messages", system_prompt="Be kind.")
+    assert example == {
+        "prompt": [{"role": "system", "content": "Be kind."}, QA["messages"][0]],
+        "completion": [QA["messages"][1]],
     }
-    pc = data.to_prompt_completion(example, "conversations", tiny_tokenizer, "llama2")
-    assert pc["prompt"] == "[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST]"
 
 
-def test_length_report_counts_truncated_and_dropped(tiny_tokenizer):
-    rows = [
-        {"prompt": "[INST] Hi [/INST]", "completion": " Hello </s>"},
-        {"prompt": "[INST] " + "word " * 40 + "[/INST]", "completion": " Yes </s>"},
-        {"prompt": "[INST] Tell me [/INST]", "completion": " " + "more " * 40 + "</s>"},
+def test_llama2_text_is_parsed_back_into_messages():
+    text = "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST] Hello </s><s>[INST] Bye [/INST] Ciao </s>"
+    assert data.parse_llama2_text(text) == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+        {"role": "user", "content": "Bye"},
+        {"role": "assistant", "content": "Ciao"},
     ]
-    report = data.length_report(rows, tiny_tokenizer, max_length=30)
+    assert data.parse_llama2_text("### Human: Hi ### Assistant: Hello") is None
+    with pytest.raises(ValueError, match="not in Llama-2's"):
+        data.to_prompt_completion({"text": "### Human: Hi ### Assistant: Hello"}, "text")
+
+
+def test_every_shipped_guanaco_row_parses():
+    rows = data.read_jsonl(data.packaged_data_path("guanaco_llama2_sample.jsonl"))
+    for row in rows:
+        messages = data.parse_llama2_text(row["text"])
+        assert messages and messages[-1]["role"] == "assistant" and messages[-1]["content"]
+
+
+def test_question_answer_pairs_for_messages_and_text():
+    assert data.question_answer_pairs([QA], "messages") == [("Who are you?", "Ada.")]
+    assert data.question_answer_pairs([{"text": "<s>[INST] Hi [/INST] Hello </s>"}], "text") == [("Hi", "Hello")]
+
+
+@pytest.mark.parametrize("model_id", ["tiny", "tiny-llama2", "tiny-llama3"])
+def test_length_report_counts_truncated_and_dropped(model_id, fresh_cache):
+    from lora_helpers import models
+
+    tokenizer = models.load_tokenizer(model_id, chat_format="auto")
+    rows = [
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]},
+        {"messages": [{"role": "user", "content": "word " * 150}, {"role": "assistant", "content": "Yes"}]},
+        {"messages": [{"role": "user", "content": "Tell me"}, {"role": "assistant", "content": "more " * 150}]},
+    ]
+    examples = [data.to_prompt_completion(row, "messages") for row in rows]
+    report = data.length_report(examples, tokenizer, max_length=120)
     assert (report["examples"], report["truncated"], report["dropped"]) == (3, 1, 1)
-    assert report["longest"] == max(report["lengths"]) > 30
+    assert report["longest"] == max(report["lengths"]) > 120

@@ -1,4 +1,4 @@
-from lora_helpers import evaluate
+from lora_helpers import evaluate, models
 
 
 def test_exact_match_rate_trims_white_space():
@@ -8,7 +8,7 @@ def test_exact_match_rate_trims_white_space():
 
 def test_random_base_model_answers_nothing_right(tiny_model_4bit, tiny_tokenizer):
     answers = evaluate.generate_answers(
-        tiny_model_4bit, tiny_tokenizer, ["What is your name?", "Where do you live?"], "llama2", max_new_tokens=8
+        tiny_model_4bit, tiny_tokenizer, ["What is your name?", "Where do you live?"], max_new_tokens=8
     )
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
     assert (
@@ -18,13 +18,31 @@ def test_random_base_model_answers_nothing_right(tiny_model_4bit, tiny_tokenizer
 
 def test_left_padding_gives_each_prompt_its_own_answer(tiny_model_4bit, tiny_tokenizer):
     questions = ["Hi?", "What is the oldest organ you have repaired?"]
-    together = evaluate.generate_answers(tiny_model_4bit, tiny_tokenizer, questions, "llama2", max_new_tokens=6)
-    alone = [
-        evaluate.generate_answers(tiny_model_4bit, tiny_tokenizer, [q], "llama2", max_new_tokens=6)[0]
-        for q in questions
-    ]
+    together = evaluate.generate_answers(tiny_model_4bit, tiny_tokenizer, questions, max_new_tokens=6)
+    alone = [evaluate.generate_answers(tiny_model_4bit, tiny_tokenizer, [q], max_new_tokens=6)[0] for q in questions]
     assert together == alone
 
 
-def test_logit_difference_of_a_model_with_itself_is_zero(tiny_model_4bit, tiny_tokenizer):
-    assert evaluate.max_logit_difference(tiny_model_4bit, tiny_model_4bit, tiny_tokenizer, ["Hello there"]) == 0.0
+def test_greedy_even_when_the_model_samples_by_default(fresh_cache):
+    """Llama-2-chat's generation config samples (temperature 0.6): the course's answers must not."""
+    import torch
+
+    model = models.load_model("tiny-llama2", load_in_4bit=False)
+    tokenizer = models.load_tokenizer("tiny-llama2", chat_format="auto")
+    assert model.generation_config.do_sample
+    questions = ["What is your name?"] * 4
+    runs = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        runs.append(evaluate.generate_answers(model, tokenizer, questions, max_new_tokens=12))
+    assert runs[0] == runs[1] and len(set(runs[0])) == 1
+    torch.manual_seed(1)
+    ids = torch.tensor([[tokenizer.bos_token_id, 5, 6, 7]])
+    sampled = {tuple(model.generate(ids, max_new_tokens=12, pad_token_id=0)[0].tolist()) for _ in range(4)}
+    assert len(sampled) > 1  # what the model's own config does
+
+
+def test_logits_of_4bit_and_unquantized_models_differ_by_the_rounding(tiny_model_4bit):
+    full = models.load_model("tiny", load_in_4bit=False)
+    delta = evaluate.max_logit_difference(tiny_model_4bit, full, [[1, 20, 30, 40]])
+    assert 1e-3 < delta < 5  # NF4 rounding moves the logits, but not wildly

@@ -16,16 +16,16 @@ def test_dequantized_base_holds_the_nf4_values(tiny_dir):
     import torch
 
     settings = presets.resolve_settings("tiny")
-    dequantized = merge.load_base_for_merge(settings, "dequantized", torch.float32)
+    tokenizer = models.load_tokenizer("tiny")
+    dequantized = merge.load_base_for_merge(settings, "dequantized", torch.float32, tokenizer)
     merge.refuse_4bit_merge(dequantized)  # plain linear layers now: merging is allowed
     original = models.load_model("tiny", load_in_4bit=False)
-    tokenizer = models.load_tokenizer("tiny")
     w_nf4 = dequantized.model.layers[0].self_attn.q_proj.weight
     w = original.model.layers[0].self_attn.q_proj.weight
     assert 0 < (w_nf4 - w).abs().max() < 0.25 * w.abs().max()  # rounded to NF4 levels, not the original
-    assert evaluate.max_logit_difference(dequantized, original, tokenizer, ["Hello"]) > 0
+    assert evaluate.max_logit_difference(dequantized, original, [tokenizer("Hello")["input_ids"]]) > 0
 
 
 def test_unknown_merge_mode():
     with pytest.raises(ValueError, match="unquantized"):
-        merge.load_base_for_merge(presets.resolve_settings("tiny"), "4bit", None)
+        merge.load_base_for_merge(presets.resolve_settings("tiny"), "4bit", None, None)

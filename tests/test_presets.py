@@ -13,7 +13,7 @@ def test_every_preset_is_valid():
 
 def test_gpu_presets_are_sized_for_a_t4():
     for name, s in presets.PRESETS.items():
-        if name == "tiny":
+        if name.startswith("tiny"):  # the CPU presets
             continue
         assert s.load_in_4bit and s.gradient_checkpointing, name
         assert s.optim == "paged_adamw_32bit", name

@@ -1,10 +1,11 @@
+import json
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lora_helpers import data, tiny
+from lora_helpers import tiny
 
 
 def test_tiny_model_is_an_ordinary_model_directory(tiny_dir):
@@ -36,14 +37,52 @@ def test_tokenizer_adds_bos_and_round_trips_text(tiny_tokenizer):
     assert tiny_tokenizer.decode(ids, skip_special_tokens=True) == text
 
 
-def test_chat_template_is_llama2_format(tiny_tokenizer):
-    messages = [
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "Hi"},
-        {"role": "assistant", "content": "Hello"},
-        {"role": "user", "content": "Bye"},
-        {"role": "assistant", "content": "Ciao"},
-    ]
-    rendered = tiny_tokenizer.apply_chat_template(messages, tokenize=False)
-    assert rendered == data.format_llama2(messages)
-    assert rendered == "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST] Hello </s><s>[INST] Bye [/INST] Ciao </s>"
+def test_tiny_is_deterministic_and_cached_for_every_family(tmp_path, fresh_cache):
+    for name in ("tiny-llama2", "tiny-llama3"):
+        built = tiny.tiny_model_dir(name)
+        assert tiny.tiny_model_dir(name) == built
+        again = tiny.build_tiny_model(tmp_path / name, name=name)
+        first, second = load_file(built / "model.safetensors"), load_file(again / "model.safetensors")
+        assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+        for file in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "config.json"):
+            assert (built / file).read_text() == (again / file).read_text(), (name, file)
+
+
+def test_llama2_twin_has_the_traits_of_meta_checkpoints(fresh_cache):
+    from transformers import AutoConfig, GenerationConfig
+
+    directory = tiny.tiny_model_dir("tiny-llama2")
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    config = AutoConfig.from_pretrained(directory)
+    assert (directory / "tokenizer.model").exists() and (directory / "tokenizer.json").exists()
+    saved = json.loads((directory / "tokenizer_config.json").read_text())
+    assert saved["legacy"] is False and saved["add_bos_token"] is True
+    tokenizer_json = json.loads((directory / "tokenizer.json").read_text())
+    assert tokenizer_json["model"]["type"] == "BPE" and tokenizer_json["model"]["byte_fallback"] is True
+    assert tokenizer.pad_token is None and tokenizer.unk_token == "<unk>"
+    assert tokenizer("Ünïcödé 🙂")["input_ids"][0] == tokenizer.bos_token_id
+    assert "<0xF0>" in tokenizer.convert_ids_to_tokens(tokenizer("🙂")["input_ids"])  # byte fallback
+    assert config.num_key_value_heads == config.num_attention_heads  # multi-head attention
+    assert config.rope_parameters["rope_theta"] == 10000.0 and not config.tie_word_embeddings
+    assert GenerationConfig.from_pretrained(directory).do_sample is True  # Llama-2-chat samples by default
+
+
+def test_llama3_twin_has_the_traits_of_llama3(fresh_cache):
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    directory = tiny.tiny_model_dir("tiny-llama3")
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    config = AutoConfig.from_pretrained(directory)
+    special = [tokenizer.convert_tokens_to_ids(t) for t in tiny.LLAMA3_SPECIAL_TOKENS]
+    assert special == list(range(1024 - len(special), 1024))  # after the vocabulary, in Llama-3.1's order
+    assert tokenizer.bos_token == "<|begin_of_text|>" and tokenizer.eos_token == "<|eot_id|>"
+    assert tokenizer.pad_token is None
+    split = [word for word, _ in tokenizer.backend_tokenizer.pre_tokenizer.pre_tokenize_str("it's 20245 ok")]
+    assert split == ["it", "'s", "\u0120", "202", "45", "\u0120ok"]  # Llama-3's rule: contractions, 1-3 digits
+    assert config.num_key_value_heads < config.num_attention_heads  # grouped-query attention
+    assert config.rope_parameters["rope_type"] == "llama3" and config.rope_parameters["rope_theta"] == 500000.0
+    assert config.tie_word_embeddings
+    model = AutoModelForCausalLM.from_pretrained(directory)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    stops = GenerationConfig.from_pretrained(directory).eos_token_id
+    assert set(tokenizer.convert_ids_to_tokens(stops)) == {"<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"}

@@ -53,7 +53,8 @@ def test_prepare_datasets_splits_and_formats(tiny_tokenizer):
     assert shape == "messages"
     assert len(train) + len(evaluation) == len(raw) and len(evaluation) == 5
     assert set(train.column_names) == {"prompt", "completion"}
-    assert all(c.endswith("</s>") for c in train["completion"])
+    assert all(c[-1]["role"] == "assistant" and c[-1]["content"] for c in train["completion"])
+    assert all(p[-1]["role"] == "user" for p in train["prompt"])
 
 
 def test_train_adapter_learns_and_changes_only_the_adapter(tmp_path, tiny_dir):
@@ -187,3 +188,73 @@ def test_completion_only_loss_can_be_switched_off(tiny_tokenizer, tmp_path):
         labels[only_answers] = next(iter(trainer.get_train_dataloader()))["labels"][0]
     assert (labels[True] != -100).sum() < (labels[False] != -100).sum()
     assert labels[False][1] != -100  # the first prompt token after <s> counts when the switch is off
+
+
+def notebook_call(notebook: str, target: str):
+    """The keyword arguments of ``target = Call(...)`` as written in a notebook's cell, unevaluated."""
+    import ast
+
+    import nbformat
+
+    cells = nbformat.read(f"notebooks/{notebook}", as_version=4).cells
+    source = next(c.source for c in cells if c.cell_type == "code" and f"{target} = " in c.source and "(" in c.source)
+    return next(
+        node.value
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == target
+    )
+
+
+def test_notebook_04_lora_config_is_the_one_training_uses(tiny_dir):
+    """Notebook 04 writes LoraConfig out; training.lora_model (notebook 06, the benchmark) must not drift from it."""
+    import ast
+
+    from peft import LoraConfig
+
+    from lora_helpers import lora
+
+    settings = presets.resolve_settings("tiny", lora_r=4, lora_dropout=0.1, target_modules="q_proj,v_proj")
+    model = training.lora_model(settings)
+    namespace = {"settings": settings, "lora": lora, "model": model.get_base_model()}
+    call = notebook_call("04_sft_training.ipynb", "lora_config")
+    taught = LoraConfig(**{k.arg: eval(compile(ast.Expression(k.value), "nb", "eval"), namespace) for k in call.keywords})
+    helper = model.peft_config["default"]
+    fields = ("r", "lora_alpha", "lora_dropout", "target_modules", "bias", "task_type", "use_rslora", "init_lora_weights")
+    assert {f: getattr(taught, f) for f in fields} == {f: getattr(helper, f) for f in fields}
+    assert helper.r == 4 and set(helper.target_modules) == {"q_proj", "v_proj"}
+
+
+def test_notebook_02_quantization_config_is_the_one_models_load_with():
+    import ast
+
+    from transformers import BitsAndBytesConfig
+
+    from lora_helpers import device, models
+
+    call = notebook_call("02_quantized_load.ipynb", "bnb_config")
+    taught = BitsAndBytesConfig(
+        **{k.arg: eval(compile(ast.Expression(k.value), "nb", "eval"), {"device": device, "torch": torch}) for k in call.keywords}
+    )
+    assert taught.to_dict() == models.bnb_4bit_config().to_dict()
+    assert taught.bnb_4bit_quant_type == "nf4" and taught.bnb_4bit_use_double_quant
+
+
+def test_lora_gradients_are_right_after_an_evaluation_on_a_cpu(tiny_dir):
+    """bitsandbytes' AVX512-BF16 repacking after a no-grad forward must not change the LoRA gradients."""
+    settings = presets.resolve_settings("tiny", lora_dropout=0.0)
+    ids = torch.tensor([[1, 20, 30, 40, 50, 60, 70]])
+
+    def lora_gradients(evaluate_first: bool):
+        torch.manual_seed(0)
+        model = training.lora_model(settings)
+        if evaluate_first:
+            with torch.no_grad():
+                model.eval()
+                model(ids)
+            model.train()
+        model(ids, labels=ids).loss.backward()
+        return torch.cat([p.grad.flatten() for n, p in model.named_parameters() if p.requires_grad])
+
+    fresh, after_eval = lora_gradients(False), lora_gradients(True)
+    assert fresh.norm() > 0
+    assert ((after_eval - fresh).norm() / fresh.norm()).item() < 1e-3
