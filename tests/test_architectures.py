@@ -3,9 +3,11 @@
 import math
 
 import pytest
+import torch
+from peft import PeftModel
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from lora_helpers import lora, models, presets, training
+from lora_helpers import chat, evaluate, lora, merge, models, plan, presets, training
 
 SMALL = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4)
 ARCHITECTURES = {
@@ -51,6 +53,19 @@ def test_other_architectures_load_in_4bit_and_train(arch, tiny_dir, tmp_path):
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     assert losses and all(math.isfinite(x) for x in losses)
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+
+    # The planner reads the config under its own names, and counts what peft trains.
+    estimate = plan.plan(settings, compute_bytes=4)
+    assert estimate["trainable"] == trainer.model.get_nb_trainable_parameters()[0]
+    assert estimate["peak_gb"] > 0 and estimate["parts_gb"]["activations"] > 0
+    # Merge (notebook 05's way, into the dequantized base): the merged model computes base + adapter.
+    tokenizer = models.load_tokenizer(str(tmp_path / "adapter"))
+    base = merge.load_base_for_merge(settings, "dequantized", torch.float32, tokenizer)
+    with_adapter = PeftModel.from_pretrained(base, tmp_path / "adapter")
+    prompts = [chat.prompt_ids(tokenizer, chat.question_messages("What is your name?"))]
+    before = evaluate.prompt_logits(with_adapter, prompts)
+    merged = with_adapter.merge_and_unload(safe_merge=True)
+    assert evaluate.max_difference(evaluate.prompt_logits(merged, prompts), before) < 1e-4
 
 
 def neox_tokenizer():
