@@ -12,6 +12,8 @@ import json
 import re
 from pathlib import Path
 
+from lora_helpers import chat
+
 # The dataset shapes the course accepts, by the columns that identify them.
 SHAPES = {
     "messages": "conversational: `messages` = [{role, content}, ...]",
@@ -191,8 +193,6 @@ def check_lengths(lengths: list[int], max_length: int) -> int:
 
 def token_ids(example: dict, tokenizer) -> tuple[list[int], list[int]]:
     """(prompt ids, completion ids) of one prompt/completion example, as the trainer will see them."""
-    from lora_helpers import chat
-
     return chat.prompt_and_completion_ids(tokenizer, example["prompt"], example["completion"])
 
 

@@ -26,7 +26,10 @@ def test_training_ids_are_the_ids_of_the_template_at_inference(family):
     train, _, _, _ = training.prepare_datasets(dataclasses.replace(settings, eval_fraction=0.0), tokenizer)
     model = training.lora_model(settings, tokenizer=tokenizer)
     trainer = SFTTrainer(
-        model=model, args=training.sft_config(settings, "unused", False), train_dataset=train, processing_class=tokenizer
+        model=model,
+        args=training.sft_config(settings, "unused", False),
+        train_dataset=train,
+        processing_class=tokenizer,
     )
     eos_ids = model.generation_config.eos_token_id
     eos_ids = set(eos_ids if isinstance(eos_ids, list) else [eos_ids])

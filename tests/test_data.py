@@ -92,8 +92,6 @@ def test_empty_dataset_is_refused(tmp_path):
         data.load_examples(str(path))
 
 
-
-
 def test_prompt_completion_is_conversational_with_the_system_prompt_first():
     example = data.to_prompt_completion(QA, "messages", system_prompt="Be kind.")
     assert example == {

@@ -145,7 +145,9 @@ def test_sizes_shrink_with_the_file_type(family):
 
 def render_ollama(template: str, system: str, prompt: str) -> str:
     """Ollama's Go template language, as far as the Modelfile uses it: ``{{ if .System }}...{{ end }}`` and values."""
-    template = re.sub(r"\{\{ if \.System \}\}(.*?)\{\{ end \}\}", lambda m: m[1] if system else "", template, flags=re.S)
+    template = re.sub(
+        r"\{\{ if \.System \}\}(.*?)\{\{ end \}\}", lambda m: m[1] if system else "", template, flags=re.S
+    )
     return template.replace("{{ .System }}", system).replace("{{ .Prompt }}", prompt)
 
 
@@ -187,8 +189,14 @@ def test_export_holds_about_one_tensor_in_memory(tmp_path):
 
     from lora_helpers import tiny
 
-    config = LlamaConfig(hidden_size=512, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=8,
-                         vocab_size=1024, tie_word_embeddings=False)
+    config = LlamaConfig(
+        hidden_size=512,
+        intermediate_size=2048,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        vocab_size=1024,
+        tie_word_embeddings=False,
+    )
     model_dir = tmp_path / "model"
     LlamaForCausalLM(config).save_pretrained(model_dir, max_shard_size="40MB")
     tiny.build_tokenizer().save_pretrained(model_dir)
@@ -200,8 +208,12 @@ def test_export_holds_about_one_tensor_in_memory(tmp_path):
         "gguf_export.export_gguf(sys.argv[1], sys.argv[2], 'F32');"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)"
     )
-    out = subprocess.run([sys.executable, "-c", script, str(model_dir), str(tmp_path / "m.gguf")],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(model_dir), str(tmp_path / "m.gguf")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     grown = int(out.stdout.strip().splitlines()[-1]) * 1024  # ru_maxrss is in KiB on Linux
     assert grown < 0.35 * size, (grown, size)  # loading the weights whole would take at least their size
     assert (tmp_path / "m.gguf").stat().st_size > size * 0.95

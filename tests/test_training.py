@@ -217,9 +217,20 @@ def test_notebook_04_lora_config_is_the_one_training_uses(tiny_dir):
     model = training.lora_model(settings)
     namespace = {"settings": settings, "lora": lora, "model": model.get_base_model()}
     call = notebook_call("04_sft_training.ipynb", "lora_config")
-    taught = LoraConfig(**{k.arg: eval(compile(ast.Expression(k.value), "nb", "eval"), namespace) for k in call.keywords})
+    taught = LoraConfig(
+        **{k.arg: eval(compile(ast.Expression(k.value), "nb", "eval"), namespace) for k in call.keywords}
+    )
     helper = model.peft_config["default"]
-    fields = ("r", "lora_alpha", "lora_dropout", "target_modules", "bias", "task_type", "use_rslora", "init_lora_weights")
+    fields = (
+        "r",
+        "lora_alpha",
+        "lora_dropout",
+        "target_modules",
+        "bias",
+        "task_type",
+        "use_rslora",
+        "init_lora_weights",
+    )
     assert {f: getattr(taught, f) for f in fields} == {f: getattr(helper, f) for f in fields}
     assert helper.r == 4 and set(helper.target_modules) == {"q_proj", "v_proj"}
 
@@ -233,7 +244,10 @@ def test_notebook_02_quantization_config_is_the_one_models_load_with():
 
     call = notebook_call("02_quantized_load.ipynb", "bnb_config")
     taught = BitsAndBytesConfig(
-        **{k.arg: eval(compile(ast.Expression(k.value), "nb", "eval"), {"device": device, "torch": torch}) for k in call.keywords}
+        **{
+            k.arg: eval(compile(ast.Expression(k.value), "nb", "eval"), {"device": device, "torch": torch})
+            for k in call.keywords
+        }
     )
     assert taught.to_dict() == models.bnb_4bit_config().to_dict()
     assert taught.bnb_4bit_quant_type == "nf4" and taught.bnb_4bit_use_double_quant
