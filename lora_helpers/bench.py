@@ -1,11 +1,11 @@
-"""A training benchmark: the course's recipe against seed 000's plain recipe, run side by side, as ratios.
+"""A training benchmark: the course's recipe against the Llama-2 about-me recipe, run side by side, as ratios.
 
 ``python -m lora_helpers bench [--model tiny|mid|llama-2-7b|llama-3.2-3b|llama-3.1-8b] [--preset NAME]``
 writes ``bench.json`` and ``bench.md``. Every variant trains the same 4-bit model with the same LoRA settings,
 gradient checkpointing and batch size for the same number of optimizer steps, each in a fresh process (so that
 its peak memory is its own):
 
-- baseline (seed 000): ``Trainer`` + ``DataCollatorForLanguageModeling``, every example padded to
+- baseline (the Llama-2 about-me recipe): ``Trainer`` + ``DataCollatorForLanguageModeling``, every example padded to
   ``max_length``, transformers' default attention, random batches, loss on every token;
 - course: notebook 04's recipe (``training.sft_config``): ``SFTTrainer``, each batch padded only to its longest
   example, batches grouped by length, the device's attention and optimizer, loss on the answers;
@@ -395,7 +395,7 @@ def markdown_table(result: dict) -> str:
         f"gradient checkpointing {'on' if s['gradient_checkpointing'] else 'off'}, {s['steps']} timed steps after "
         f"{s['warmup_steps']} untimed ones, on {c['device']}. Peak memory: {memory}.",
         "",
-        "| | baseline (seed 000) | course | course / baseline |",
+        "| | baseline (Llama-2 about-me recipe) | course | course / baseline |",
         "|---|---|---|---|",
     ]
     lines += [f"| {name} | {x:,.1f} | {y:,.1f} | {ratio:.2f}x |" for name, x, y, ratio in rows]

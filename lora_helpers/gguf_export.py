@@ -1,6 +1,6 @@
 """GGUF export of a merged Llama model, for llama.cpp and Ollama, written with the ``gguf`` package.
 
-Taught in notebook 05 (section "Export to GGUF") and run in notebook 06. The Llama-3.2 GGUF/Ollama recipe
+Taught in notebook 05 (section "Export to GGUF") and run in notebook 06. The Llama-3.2 QLoRA guide
 clones llama.cpp and runs its ``convert_hf_to_gguf.py``; here the same file is written from Python with
 ``gguf`` (from PyPI), so it also works offline, for each Llama family the course trains:
 

@@ -83,15 +83,15 @@ def trainable_parameter_table(model, ranks: list[int], target_choices: dict[str,
 
 
 def standard_target_choices(model) -> dict[str, list[str]]:
-    """The three usual choices (seeds 000, 001 and 002), as far as this model has the layers."""
+    """The three usual choices of the source recipes, as far as this model has the layers."""
     names = linear_layer_names(model)
     choices = {}
     if {"q_proj", "v_proj"} <= set(names):
-        choices["q,v (seed 000, 003)"] = ["q_proj", "v_proj"]
+        choices["q,v (Llama-2 recipes)"] = ["q_proj", "v_proj"]
     attention = [n for n in ("q_proj", "k_proj", "v_proj", "o_proj") if n in names]
     if len(attention) == 4:
-        choices["attention q,k,v,o (seed 001)"] = attention
-    choices["all linear (seed 002)"] = names
+        choices["attention q,k,v,o (Llama-3.1 guide)"] = attention
+    choices["all linear (Llama-3.2 guide)"] = names
     return choices
 
 

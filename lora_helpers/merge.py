@@ -1,7 +1,7 @@
 """Merging a QLoRA adapter: into an unquantized reload, or into the dequantized NF4 weights it was trained on.
 
 Taught in notebook 05. Two ways, both checked against base + adapter:
-(a) reload the base unquantized and merge (seed 003): simple, but the adapter was trained against the
+(a) reload the base unquantized and merge (the Llama-2 Guanaco Colab recipe): simple, but the adapter was trained against the
     NF4-rounded weights, not these; (b) dequantize the NF4 weights and merge there: the merged model computes
     what was trained. Merging into weights still stored in 4 bits is refused: see ``refuse_4bit_merge``.
 """

@@ -124,7 +124,7 @@ def plot_memory(sizes_gb: dict[str, float], title: str, limit_gb: float | None =
 
 
 def draw_lora_diagram(path: str | Path):
-    """Seed 000's LoRA diagram: frozen W beside trainable A (r x d) and B (d x r); h = Wx + (alpha/r)·BAx."""
+    """The Llama-2 about-me recipe's LoRA diagram: frozen W beside trainable A (r x d) and B (d x r); h = Wx + (alpha/r)·BAx."""
     from matplotlib.patches import FancyArrowPatch, Rectangle
 
     plt = pyplot()
@@ -156,7 +156,7 @@ def draw_lora_diagram(path: str | Path):
 
 
 def draw_peft_comparison(path: str | Path):
-    """Seed 003's comparison: pretraining, full fine-tuning and PEFT, by what is trained and what it costs."""
+    """The Llama-2 Guanaco Colab recipe's comparison: pretraining, full fine-tuning and PEFT, by what is trained and what it costs."""
     from matplotlib.patches import Rectangle
 
     plt = pyplot()

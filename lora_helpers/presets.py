@@ -45,9 +45,9 @@ class Settings:
     logging_steps: int
     max_new_tokens: int  # for generation in notebooks 02 and 06
     seed: int
-    seed_doc: str  # which source document the recipe follows
+    source: str  # the source document the recipe follows (README, "Sources")
     trust_remote_code: bool = False  # run Python code shipped with a hub model: only for models you trust
-    completion_only_loss: bool = True  # loss on the answers only (False: on the whole text, as seed 000)
+    completion_only_loss: bool = True  # loss on the answers only (False: on the whole text, as the Llama-2 about-me recipe)
     early_stopping_patience: int = 0  # stop after this many evaluations without a lower eval loss (0: never)
 
 
@@ -78,7 +78,7 @@ PRESETS: dict[str, Settings] = {
         logging_steps=5,
         max_new_tokens=32,
         seed=0,
-        seed_doc="000 (about-me data), scaled down",
+        source="the Llama-2 about-me recipe, scaled down",
     ),
 }
 # The tiny recipe on the tiny twins of the real families (lora_helpers.tiny): rehearse a Llama-2 or a Llama-3
@@ -98,7 +98,7 @@ PRESETS["tiny-llama3"] = dataclasses.replace(
 PRESETS |= {
     "llama2-7b-about-me": Settings(
         preset="llama2-7b-about-me",
-        description="Llama-2-7B chat learns a persona from 48 question-answer pairs (seed 000's recipe).",
+        description="Llama-2-7B chat learns a persona from 48 question-answer pairs (the Llama-2 about-me recipe).",
         model_id="NousResearch/Llama-2-7b-chat-hf",  # ungated mirror of meta-llama/Llama-2-7b-chat-hf
         dataset="package:about_me.jsonl",
         chat_format="auto",
@@ -122,11 +122,11 @@ PRESETS |= {
         logging_steps=10,
         max_new_tokens=64,
         seed=0,
-        seed_doc="000",
+        source="the Llama-2 about-me recipe",
     ),
     "llama2-7b-guanaco": Settings(
         preset="llama2-7b-guanaco",
-        description="QLoRA of Llama-2-7B chat on guanaco-llama2-1k, 1 epoch (seed 003's recipe).",
+        description="QLoRA of Llama-2-7B chat on guanaco-llama2-1k, 1 epoch (the Llama-2 Guanaco Colab recipe).",
         model_id="NousResearch/Llama-2-7b-chat-hf",
         dataset="mlabonne/guanaco-llama2-1k",
         chat_format="auto",
@@ -135,7 +135,7 @@ PRESETS |= {
         lora_r=64,
         lora_alpha=16,
         lora_dropout=0.1,
-        target_modules="q_proj,v_proj",  # peft's default for Llama, which seed 003 relies on
+        target_modules="q_proj,v_proj",  # peft's default for Llama, which the Llama-2 Guanaco Colab recipe relies on
         num_train_epochs=1,
         per_device_train_batch_size=2,
         gradient_accumulation_steps=4,
@@ -150,11 +150,11 @@ PRESETS |= {
         logging_steps=10,
         max_new_tokens=128,
         seed=0,
-        seed_doc="003",
+        source="the Llama-2 Guanaco Colab recipe",
     ),
     "llama3.2-3b": Settings(
         preset="llama3.2-3b",
-        description="QLoRA of Llama-3.2-3B Instruct on all seven projections (seed 002's recipe). Gated: needs a token.",
+        description="QLoRA of Llama-3.2-3B Instruct on all seven projections (the Llama-3.2 QLoRA guide). Gated: needs a token.",
         model_id="meta-llama/Llama-3.2-3B-Instruct",
         dataset="package:about_me.jsonl",
         chat_format="auto",
@@ -178,11 +178,11 @@ PRESETS |= {
         logging_steps=10,
         max_new_tokens=64,
         seed=0,
-        seed_doc="002",
+        source="the Llama-3.2 QLoRA guide",
     ),
     "llama3.1-8b": Settings(
         preset="llama3.1-8b",
-        description="QLoRA of Llama-3.1-8B Instruct on q,k,v,o (seed 001's recipe). Gated: needs a token.",
+        description="QLoRA of Llama-3.1-8B Instruct on q,k,v,o (the Llama-3.1 LoRA guide). Gated: needs a token.",
         model_id="meta-llama/Llama-3.1-8B-Instruct",
         dataset="HuggingFaceH4/no_robots",
         chat_format="auto",
@@ -206,11 +206,11 @@ PRESETS |= {
         logging_steps=10,
         max_new_tokens=128,
         seed=0,
-        seed_doc="001",
+        source="the Llama-3.1 LoRA guide",
     ),
 }
 
-SETTING_NAMES = [f.name for f in dataclasses.fields(Settings) if f.name not in ("preset", "description", "seed_doc")]
+SETTING_NAMES = [f.name for f in dataclasses.fields(Settings) if f.name not in ("preset", "description", "source")]
 
 
 def get_preset(name: str) -> Settings:

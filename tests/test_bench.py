@@ -13,10 +13,10 @@ def test_benchmark_runs_every_recipe_and_writes_results(tmp_path, tiny_dir):
     base, ours, full = (result[v] for v in bench.VARIANTS)
     assert base["steps"] == ours["steps"] == full["steps"] == 4
     # Counted from the batches the model was given, over the timed steps only:
-    assert base["all_tokens"] == 4 * 8 * 128  # seed 000 pads every example to max_length
+    assert base["all_tokens"] == 4 * 8 * 128  # the Llama-2 about-me recipe pads every example to max_length
     assert ours["all_tokens"] < 0.5 * base["all_tokens"]  # the course pads each batch to its longest example
     assert full["all_tokens"] == full["real_tokens"] == 4 * 8 * 128  # the worst case fills max_length, no padding
-    assert base["supervised_tokens"] == base["real_tokens"]  # seed 000: loss on every token
+    assert base["supervised_tokens"] == base["real_tokens"]  # the Llama-2 about-me recipe: loss on every token
     assert 0 < ours["supervised_tokens"] < ours["real_tokens"]  # the course: loss on the answers only
     assert full["supervised_tokens"] == 4 * 8 * 64
     assert ours["attention"] == "sdpa"

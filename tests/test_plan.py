@@ -32,7 +32,7 @@ def test_trainable_count_equals_the_closed_form_for_every_preset(name, tiny_dir)
 
 def test_known_counts():
     assert plan.plan_for_preset("llama2-7b-about-me")["trainable"] == 4_194_304  # Llama-2-7B, r=8, q,v
-    # Seed 002 prints 6,553,600 for r=16 on all seven projections of Llama-3.2-3B; the true count is:
+    # The Llama-3.2 QLoRA guide prints 6,553,600 for r=16 on all seven projections of Llama-3.2-3B; the true count is:
     assert plan.plan_for_preset("llama3.2-3b")["trainable"] == 24_313_856
     assert plan.plan_for_preset("llama3.2-3b")["parameters"] == 3_212_749_824  # tied embeddings counted once
 
