@@ -3,4 +3,40 @@
 Import modules explicitly (``from lora_helpers import data``); nothing is re-exported here.
 """
 
+import logging
+import warnings
+
 __version__ = "0.1.0"
+
+# Notices from inside the libraries that a learner can do nothing about, kept out of the executed notebooks:
+# - peft 0.21's prepare_model_for_kbit_training asks transformers 5.24 for `is_gradient_checkpointing`, a name
+#   transformers now deprecates in favour of `is_activation_checkpointing`;
+# - bitsandbytes on a CPU with AVX512-BF16 tries to download a faster 4-bit kernel from the Hub (the `kernels`
+#   package), and logs when it cannot; its built-in kernel is used instead, and the course turns its repacking off
+#   anyway (models.keep_4bit_weights_as_loaded);
+# - transformers sorts checkpoints by modification time and says so when two are under a second apart (the tiny
+#   preset saves that fast); it then sorts them by step number, which is right;
+# - transformers says which dtype `dequantize()` produced, on every call (notebook 05 prints the merge's dtype);
+# - transformers ignores Llama-3's `clean_up_tokenization_spaces=True` (it would corrupt byte-level text) and says
+#   so on every tokenizer load;
+# - gguf's SpecialVocab does not recognise Llama's two-sequence template (`<s> A <s> B`), which llama.cpp never uses.
+# Import lora_helpers before peft and bitsandbytes for the second to take effect (the notebooks do).
+warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, start: str):
+        super().__init__()
+        self.start = start
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.start)
+
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropMessage("Failed to load CPU gemm_4bit_forward"))
+logging.getLogger("transformers.trainer_utils").addFilter(_DropMessage("mtime may not be reliable"))
+logging.getLogger("transformers.integrations.bitsandbytes").addFilter(_DropMessage("The modules are dequantized in"))
+logging.getLogger("transformers.tokenization_utils_tokenizers").addFilter(
+    _DropMessage("Ignoring clean_up_tokenization_spaces=True for BPE")
+)
+logging.getLogger("gguf.vocab").addFilter(_DropMessage("Unknown separator token"))

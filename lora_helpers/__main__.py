@@ -36,7 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     planner.add_argument("--json", action="store_true", help="print the plan as JSON")
 
-    bench = commands.add_parser("bench", help="the course's training recipe against the Llama-2 about-me recipe's, as ratios")
+    bench = commands.add_parser(
+        "bench", help="the course's training recipe against the Llama-2 about-me recipe's, as ratios"
+    )
     bench.add_argument(
         "--model",
         choices=["tiny", "mid", "llama-2-7b", "llama-3.2-3b", "llama-3.1-8b"],

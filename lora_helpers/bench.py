@@ -250,8 +250,8 @@ def run_variant(variant: str, model: str, preset: str, steps: int, batch_size: i
             output_dir=scratch,
             per_device_train_batch_size=settings.per_device_train_batch_size,
             learning_rate=settings.learning_rate,
-            gradient_checkpointing=settings.gradient_checkpointing,  # the same in every variant
-            gradient_checkpointing_kwargs={"use_reentrant": False},
+            **training.checkpointing(settings.gradient_checkpointing),  # the same in every variant
+            dataloader_pin_memory=training.pin_memory(),
             optim=training.optimizer_for_device(settings.optim),
             report_to="none",
             seed=0,

@@ -31,6 +31,31 @@ ARTIFACTS = {
 TINY_CELL_TIMEOUT_S = 600
 
 
+def kernel_manager_class():
+    """Jupyter's kernel manager, talking to the kernel over local IPC sockets instead of TCP.
+
+    Over TCP, ipykernel warns before every notebook that the connection is not encrypted; the runner's kernels
+    only ever talk to this process on this machine, so IPC sockets (in the temporary folder) are the right
+    transport and there is nothing to warn about.
+    """
+    import tempfile
+    import uuid
+
+    from jupyter_client.manager import AsyncKernelManager
+    from traitlets import default
+
+    class IPCKernelManager(AsyncKernelManager):
+        @default("transport")
+        def _default_transport(self):
+            return "ipc"
+
+        @default("ip")
+        def _default_ip(self):
+            return str(Path(tempfile.gettempdir()) / f"lora-course-kernel-{uuid.uuid4().hex[:12]}")
+
+    return IPCKernelManager
+
+
 class NotebookFailed(RuntimeError):
     """A notebook raised: which one, in which cell, with which error."""
 
@@ -131,6 +156,7 @@ def run_course(
                 execution_timeout=TINY_CELL_TIMEOUT_S if preset == "tiny" else None,
                 progress_bar=False,
                 log_output=False,
+                kernel_manager_class=kernel_manager_class(),
             )
         except Exception as error:  # a cell that raised, or one that hung past its timeout
             cell, kind, message = (

@@ -81,3 +81,25 @@ def write_json(path: str | Path, content) -> Path:
     tmp.write_text(json.dumps(content, indent=2))
     os.replace(tmp, path)
     return path
+
+
+@contextlib.contextmanager
+def c_stderr_to(path: str | Path):
+    """Send what a C library writes to stderr into ``path`` while the block runs.
+
+    Both ways in: file descriptor 2 (what C code writes directly) and ``sys.stderr`` (llama-cpp-python forwards
+    llama.cpp's log through a Python callback). Used for llama.cpp's per-tensor quantization log.
+    """
+    import sys
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(path, "wb") as raw, open(path, "a", encoding="utf-8") as text:
+        os.dup2(raw.fileno(), 2)
+        try:
+            with contextlib.redirect_stderr(text):
+                yield Path(path)
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lora_helpers import chat
+from lora_helpers import chat, files
 
 FILE_TYPES = ("F32", "F16", "Q8_0")  # written here; Q4_K_M is made from F16 by llama.cpp (quantize_gguf)
 LLAMA3_SPLIT = "(?i:'s|'t|'re|'ve|'m|'ll|'d)"  # the start of Llama-3's pre-tokenizer regex
@@ -292,19 +292,29 @@ def export_gguf(merged_dir: str | Path, out_path: str | Path, file_type: str = "
 
 
 def quantize_gguf(f16_path: str | Path, out_path: str | Path, kind: str = "Q4_K_M") -> Path:
-    """Make a K-quant file from an F16 GGUF with llama.cpp's own quantizer (needs llama-cpp-python)."""
+    """Make a K-quant file from an F16 GGUF with llama.cpp's own quantizer (needs llama-cpp-python).
+
+    llama.cpp writes a line per tensor to the process's stderr; that log goes to ``OUT_PATH.log`` beside the file
+    instead of filling the notebook, and a failure quotes its end.
+    """
     import llama_cpp
 
     types = {"Q4_K_M": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M, "Q5_K_M": llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_K_M}
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = types[kind]
-    tmp = Path(out_path).with_name(f".{Path(out_path).name}.partial")
-    status = llama_cpp.llama_model_quantize(str(f16_path).encode(), str(tmp).encode(), params)
+    out_path = Path(out_path)
+    tmp = out_path.with_name(f".{out_path.name}.partial")
+    log = out_path.with_name(f"{out_path.stem}.log")
+    with files.c_stderr_to(log):
+        status = llama_cpp.llama_model_quantize(str(f16_path).encode(), str(tmp).encode(), params)
     if status != 0:
         tmp.unlink(missing_ok=True)
-        raise RuntimeError(f"llama.cpp could not quantize {f16_path} to {kind} (status {status}).")
+        tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-10:])
+        raise RuntimeError(
+            f"llama.cpp could not quantize {f16_path} to {kind} (status {status}). Its log ends:\n{tail}"
+        )
     tmp.replace(out_path)
-    return Path(out_path)
+    return out_path
 
 
 def ollama_template(tokenizer) -> str:

@@ -47,7 +47,9 @@ class Settings:
     seed: int
     source: str  # the source document the recipe follows (README, "Sources")
     trust_remote_code: bool = False  # run Python code shipped with a hub model: only for models you trust
-    completion_only_loss: bool = True  # loss on the answers only (False: on the whole text, as the Llama-2 about-me recipe)
+    completion_only_loss: bool = (
+        True  # loss on the answers only (False: on the whole text, as the Llama-2 about-me recipe)
+    )
     early_stopping_patience: int = 0  # stop after this many evaluations without a lower eval loss (0: never)
 
 

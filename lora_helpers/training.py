@@ -33,6 +33,30 @@ def optimizer_for_device(optim: str) -> str:
     return optim
 
 
+def checkpointing(enabled: bool) -> dict:
+    """Gradient checkpointing for the trainer's config, under the name the installed transformers uses.
+
+    transformers 5.24 renamed ``gradient_checkpointing`` to ``activation_checkpointing`` (the old name still works
+    until 6.0, with a warning); ``requirements.txt`` allows versions from before the rename. ``use_reentrant=False``
+    is the implementation that works through frozen 4-bit layers. Notebook 04 explains it.
+    """
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    name = "activation_checkpointing"
+    if name not in {f.name for f in dataclasses.fields(TrainingArguments)}:
+        name = "gradient_checkpointing"
+    return {name: enabled, f"{name}_kwargs": {"use_reentrant": False}}
+
+
+def pin_memory() -> bool:
+    """Pinned host memory speeds up copies to a GPU; without one there is nothing to pin (and torch warns)."""
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def sft_config(settings, output_dir, evaluation: bool, report_to: str = "none", **overrides):
     """Notebook 04's ``SFTConfig``, argument for argument, for ``train_adapter`` and the benchmark.
 
@@ -51,9 +75,9 @@ def sft_config(settings, output_dir, evaluation: bool, report_to: str = "none", 
         lr_scheduler_type=settings.lr_scheduler_type,
         warmup_steps=settings.warmup_ratio,  # a float below 1 is a share of all steps (transformers 5)
         optim=optimizer_for_device(settings.optim),
-        gradient_checkpointing=settings.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        **checkpointing(settings.gradient_checkpointing),
         train_sampling_strategy="group_by_length",
+        dataloader_pin_memory=pin_memory(),
         max_length=settings.max_length,
         completion_only_loss=settings.completion_only_loss,
         logging_steps=settings.logging_steps,

@@ -222,3 +222,18 @@ def test_gguf_export_runs_in_llama_cpp(run):
         if o.get("output_type") == "display_data"
     )
     assert "False" not in table and table.count("True") == 8  # same token ids and same answers, 4 questions
+
+
+def test_executed_notebooks_show_no_walls_of_warnings(run):
+    """What a learner reads: results, not library warnings (the tiny course printed ~200 stderr lines before)."""
+    run_dir, summary = run
+    lines = []
+    for nb in summary["notebooks"]:
+        executed = nbformat.read(run_dir / "notebooks" / nb["name"], as_version=4)
+        for cell in executed.cells:
+            for output in cell.get("outputs", []):
+                if output.get("name") == "stderr":
+                    lines += [f"{nb['name']}: {line}" for line in output["text"].splitlines() if line.strip()]
+    assert lines == []
+    quantizer_log = run_dir / "gguf" / "model-Q4_K_M.log"
+    assert quantizer_log.stat().st_size > 1000  # llama.cpp's per-tensor log went to its file

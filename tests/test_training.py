@@ -40,9 +40,13 @@ def test_notebook_04_and_sft_config_set_the_same_arguments_to_the_same_values(tm
             "eval_dataset": object() if has_eval else None,
             "early_stopping": has_eval,
         }
-        taught = {k.arg: eval(compile(ast.Expression(k.value), "nb", "eval"), namespace) for k in call.keywords}
+        taught = {}
+        for keyword in call.keywords:  # name=value, or **mapping (training.checkpointing)
+            value = eval(compile(ast.Expression(keyword.value), "nb", "eval"), namespace)
+            taught.update(value if keyword.arg is None else {keyword.arg: value})
         helper = training.sft_config(settings, tmp_path / "checkpoints", has_eval, report_to="tensorboard")
-        assert set(taught) >= {"train_sampling_strategy", "gradient_checkpointing_kwargs", "optim", "fp16"}
+        assert set(taught) >= {"train_sampling_strategy", "activation_checkpointing_kwargs", "optim", "fp16"}
+        assert taught["dataloader_pin_memory"] is False  # no GPU here
         taught_config, helper_config = SFTConfig(**taught).to_dict(), helper.to_dict()
         assert {k for k in taught_config if taught_config[k] != helper_config[k]} == set()
 
