@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--max-length", type=int, default=None)
     bench.add_argument("--out", default="runs/bench", help="where bench.json and bench.md go")
 
+    commands.add_parser("links", help="rewrite the notebooks' Colab cell and links from course.REPOSITORY")
+
     images = commands.add_parser("images", help="redraw the diagrams in images/")
     images.add_argument("--out", default="images")
 
@@ -83,6 +85,11 @@ def main(argv: list[str] | None = None) -> int:
         for path in benchmark.write_results(result, args.out):
             print("wrote", path)
         print(benchmark.markdown_table(result))
+    elif args.command == "links":
+        from lora_helpers import course as runner
+
+        for path in runner.write_links():
+            print("rewrote", path)
     elif args.command == "images":
         from lora_helpers import plots
 

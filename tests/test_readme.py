@@ -26,3 +26,13 @@ def test_readme_links_every_notebook():
     text = (ROOT / "README.md").read_text()
     for notebook in sorted((ROOT / "notebooks").glob("*.ipynb")):
         assert f"notebooks/{notebook.name}" in text
+
+
+def test_readme_badges_open_the_notebooks_of_this_repository():
+    import re
+
+    from lora_helpers import course
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    badges = re.findall(r"\]\((https://colab\.research\.google\.com/github/[^)]+)\)", readme)
+    assert badges == [course.colab_url(nb.name) for nb in course.course_notebooks()]
