@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--steps", type=int, default=20, help="timed optimizer steps, after 3 untimed ones")
     bench.add_argument("--batch-size", type=int, default=None)
     bench.add_argument("--max-length", type=int, default=None)
+    bench.add_argument("--repeats", type=int, default=3, help="runs of baseline and course each, interleaved")
     bench.add_argument("--out", default="runs/bench", help="where bench.json and bench.md go")
 
     commands.add_parser("links", help="rewrite the notebooks' Colab cell and links from course.REPOSITORY")
@@ -81,7 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "bench":
         from lora_helpers import bench as benchmark
 
-        result = benchmark.benchmark(args.model, args.preset, args.steps, args.batch_size, args.max_length)
+        result = benchmark.benchmark(
+            args.model, args.preset, args.steps, args.batch_size, args.max_length, args.repeats
+        )
         for path in benchmark.write_results(result, args.out):
             print("wrote", path)
         print(benchmark.markdown_table(result))

@@ -24,7 +24,6 @@ max allocated on a GPU, peak RSS on a CPU). Timings are ratios measured in one r
 from __future__ import annotations
 
 import dataclasses
-import json
 import tempfile
 import time
 import warnings
@@ -32,9 +31,6 @@ from pathlib import Path
 
 from lora_helpers import files, plan, presets
 
-MID_CONFIG = dict(
-    hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4
-)
 # Random-weight models with real shapes (GPU only), and the preset each is measured with by default:
 SHAPED = {"llama-2-7b": "llama2-7b-about-me", "llama-3.2-3b": "llama3.2-3b", "llama-3.1-8b": "llama3.1-8b"}
 MODELS = ("tiny", "mid", *SHAPED)
@@ -44,77 +40,15 @@ WARMUP_STEPS = 3  # not timed: the first steps allocate, warm caches and build k
 GB = 2**30
 
 
-def write_random_model(config, target: Path, tokenizer, max_shard_bytes: int = 2 * GB) -> Path:
-    """A Llama with random weights and this ``config``'s exact shapes, written as fp16 safetensors shards.
-
-    Tensors are made one at a time from the model's shapes on the meta device, so a 7B model needs about one
-    shard of memory, not 13 GB. Linear and embedding weights ~ N(0, initializer_range); norms are ones.
-    """
-    import torch
-    from accelerate import init_empty_weights
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM
-
-    with init_empty_weights():
-        shapes = {name: t.shape for name, t in AutoModelForCausalLM.from_config(config).state_dict().items()}
-    if config.tie_word_embeddings:
-        shapes.pop("lm_head.weight", None)
-    shards, current, size = [], [], 0
-    for name, shape in shapes.items():
-        nbytes = 2 * shape.numel()
-        if current and size + nbytes > max_shard_bytes:
-            shards.append(current)
-            current, size = [], 0
-        current.append(name)
-        size += nbytes
-    shards.append(current)
-    generator = torch.Generator().manual_seed(0)
-    weight_map = {}
-    with files.atomic_dir(target) as tmp:
-        for index, names in enumerate(shards, 1):
-            filename = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
-            tensors = {}
-            for name in names:
-                if name.endswith("norm.weight"):
-                    tensors[name] = torch.ones(shapes[name], dtype=torch.float16)
-                else:
-                    std = config.initializer_range
-                    tensors[name] = torch.randn(shapes[name], generator=generator).mul_(std).half()
-                weight_map[name] = filename
-            save_file(tensors, Path(tmp) / filename, metadata={"format": "pt"})
-        total = sum(2 * shapes[name].numel() for name in weight_map)
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (Path(tmp) / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        config.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    return target
-
-
 def model_dir(model: str) -> str:
-    """The model to benchmark: ``tiny`` as it is, the others built once (random weights) and cached."""
-    from transformers import LlamaConfig
-
+    """The model to benchmark: ``tiny`` as it is, the others random-weight models built once (``tiny.py``)."""
     from lora_helpers import tiny
 
     if model == "tiny":
         return "tiny"
     if model not in MODELS:
         raise ValueError(f"Unknown benchmark model {model!r}. Choose one of: {', '.join(MODELS)}.")
-    target = tiny.cache_root() / f"bench-{model}-v2"
-    if (target / "config.json").exists():
-        return str(target)
-    tokenizer = tiny.build_tokenizer()
-    special = dict(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
-    )
-    if model == "mid":
-        config = LlamaConfig(
-            vocab_size=len(tokenizer), max_position_embeddings=512, tie_word_embeddings=False, **MID_CONFIG, **special
-        )
-    else:  # the real shapes, and the real vocabulary size (the tiny tokenizer's ids are all below it)
-        config = plan.load_config(presets.get_preset(SHAPED[model]).model_id)
-        config.update(special)
-    return str(write_random_model(config, target, tokenizer))
+    return str(tiny.random_model_dir(model))
 
 
 def full_length_dataset(tokenizer, n: int, max_length: int):
@@ -214,7 +148,7 @@ def _peak_memory() -> dict:
 def run_variant(variant: str, model: str, preset: str, steps: int, batch_size: int | None, max_length: int | None):
     """Train ``steps`` optimizer steps (after ``WARMUP_STEPS`` untimed ones) with one recipe; return measurements."""
     import torch
-    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments, set_seed
     from trl import SFTTrainer
 
     from lora_helpers import chat, device, models, training
@@ -226,7 +160,7 @@ def run_variant(variant: str, model: str, preset: str, steps: int, batch_size: i
     settings = presets.resolve_settings(
         preset, model_id=model_dir(model), gradient_accumulation_steps=1, eval_fraction=0.0, **overrides
     )
-    device.seed_everything(0)
+    set_seed(0)
     tokenizer = models.load_tokenizer(settings.model_id, chat_format=settings.chat_format)
     net = training.lora_model(settings, attn_implementation=None if variant == "baseline" else "auto")
     adapters = sum(p.numel() * p.element_size() for p in net.parameters() if p.requires_grad)
@@ -275,9 +209,11 @@ def run_variant(variant: str, model: str, preset: str, steps: int, batch_size: i
         net.train()
         example = torch.tensor(train[:1]["input_ids"], device=net.device)
         one = plan.plan(
-            dataclasses.replace(settings, per_device_train_batch_size=1, gradient_checkpointing=False), compute_bytes
+            dataclasses.replace(settings, per_device_train_batch_size=1, gradient_checkpointing=False),
+            compute_bytes,
+            gpu=torch.cuda.is_available(),
         )
-        planned = plan.plan(settings, compute_bytes)
+        planned = plan.plan(settings, compute_bytes, gpu=torch.cuda.is_available())
         parts = planned["parts_gb"]
         planner = {
             "planned_weights_mb": (parts["quantized weights"] + parts["unquantized parts"]) * 1024,
@@ -323,14 +259,52 @@ def _child(queue, *args):
         raise
 
 
+# What each run measures that varies with a busy machine: reported as the median over the repeated runs.
+RATES = ("real_tokens_per_s", "supervised_tokens_per_s", "all_tokens_per_s", "seconds_per_step", "peak_memory_mb")
+
+
+def _run_in_fresh_process(context, variant, *args) -> dict:
+    queue = context.Queue()
+    process = context.Process(target=_child, args=(queue, variant, *args))
+    process.start()
+    result = queue.get()
+    process.join()
+    if "error" in result:
+        raise RuntimeError(f"The {variant!r} run failed: {result['error']}")
+    return result
+
+
+def median_run(runs: list[dict]) -> dict:
+    """One variant's runs as one: the first run's fields, each rate replaced by its median, and the spread.
+
+    ``spread_%`` is (max - min) / median of each rate: how much a busy machine moved it between runs.
+    """
+    import statistics
+
+    summary = dict(runs[0])
+    summary["runs"] = len(runs)
+    summary["spread_%"] = {}
+    for key in RATES:
+        values = [run[key] for run in runs]
+        summary[key] = statistics.median(values)
+        summary["spread_%"][key] = 100 * (max(values) - min(values)) / summary[key] if summary[key] else 0.0
+    return summary
+
+
 def benchmark(
     model: str = "tiny",
     preset: str | None = None,
     steps: int = 20,
     batch_size: int | None = None,
     max_length: int | None = None,
+    repeats: int = 3,
 ) -> dict:
-    """Run every variant, each in a fresh process, and report course/baseline ratios and the planner's error."""
+    """Run every variant, each in a fresh process, and report course/baseline ratios and the planner's error.
+
+    The baseline and the course run ``repeats`` times each, interleaved (baseline, course, baseline, course, ...),
+    so that a busy moment of a shared machine slows both rather than one; the ratios are taken from the medians.
+    The worst case (course at max_length) runs once: it serves the planner's check, not a ratio.
+    """
     import multiprocessing
 
     import torch
@@ -340,18 +314,17 @@ def benchmark(
             f"The {model}-shaped benchmark trains a {model.split('-')[-1].upper()} model: it needs a GPU. "
             "On a CPU, use --model tiny or --model mid."
         )
+    if repeats < 1:
+        raise ValueError(f"repeats={repeats}: run each variant at least once.")
     preset = preset or SHAPED.get(model, "tiny")
     context = multiprocessing.get_context("spawn")
-    results = {}
-    for variant in VARIANTS:
-        queue = context.Queue()
-        args = (variant, model, preset, steps, batch_size, max_length)
-        process = context.Process(target=_child, args=(queue, *args))
-        process.start()
-        results[variant] = queue.get()
-        process.join()
-        if "error" in results[variant]:
-            raise RuntimeError(f"The {variant!r} run failed: {results[variant]['error']}")
+    args = (model, preset, steps, batch_size, max_length)
+    runs = {variant: [] for variant in VARIANTS}
+    for _ in range(repeats):
+        for variant in VARIANTS[:2]:
+            runs[variant].append(_run_in_fresh_process(context, variant, *args))
+    runs[VARIANTS[2]].append(_run_in_fresh_process(context, VARIANTS[2], *args))
+    results = {variant: median_run(variant_runs) for variant, variant_runs in runs.items()}
     base, ours, full = (results[v] for v in VARIANTS)
     ratios = {
         "real_tokens_per_s": ours["real_tokens_per_s"] / base["real_tokens_per_s"],
@@ -368,9 +341,16 @@ def benchmark(
         if torch.cuda.is_available()
         else None,
     }
-    settings = {"model": model, "preset": preset, "steps": steps, "warmup_steps": WARMUP_STEPS}
+    settings = {"model": model, "preset": preset, "steps": steps, "warmup_steps": WARMUP_STEPS, "repeats": repeats}
     settings |= {key: ours[key] for key in ("batch_size", "max_length", "gradient_checkpointing")}
-    return {"settings": settings, **results, "ratio_course_over_baseline": ratios, "planner": planner}
+    per_run = {v: [run["real_tokens_per_s"] for run in variant_runs] for v, variant_runs in runs.items()}
+    return {
+        "settings": settings,
+        **results,
+        "ratio_course_over_baseline": ratios,
+        "planner": planner,
+        "real_tokens_per_s_of_each_run": per_run,
+    }
 
 
 def markdown_table(result: dict) -> str:
@@ -393,7 +373,10 @@ def markdown_table(result: dict) -> str:
     lines = [
         f"Model `{s['model']}` with preset `{s['preset']}`: batch {s['batch_size']}, max_length {s['max_length']}, "
         f"gradient checkpointing {'on' if s['gradient_checkpointing'] else 'off'}, {s['steps']} timed steps after "
-        f"{s['warmup_steps']} untimed ones, on {c['device']}. Peak memory: {memory}.",
+        f"{s['warmup_steps']} untimed ones, on {c['device']}. Peak memory: {memory}. Baseline and course ran "
+        f"{s['repeats']} times each, interleaved, each run in a fresh process: medians, ratios of the medians. Spread "
+        f"of real tokens / s between runs, (max - min) / median: baseline {b['spread_%']['real_tokens_per_s']:.0f}%, "
+        f"course {c['spread_%']['real_tokens_per_s']:.0f}%.",
         "",
         "| | baseline (Llama-2 about-me recipe) | course | course / baseline |",
         "|---|---|---|---|",

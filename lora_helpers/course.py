@@ -42,6 +42,8 @@ def absolute_links(markdown: str) -> str:
     markdown = re.sub(r"\]\(\.\./images/([^)]+)\)", lambda m: f"]({raw_url('images/' + m[1])})", markdown)
     markdown = re.sub(r"\]\(\.\./([^)]+)\)", lambda m: f"]({repository_url(m[1])})", markdown)
     return re.sub(r"\]\((\d\d_[a-z_]+\.ipynb)\)", lambda m: f"]({colab_url(m[1])})", markdown)
+
+
 ARTIFACTS = {
     "notebooks": "notebooks",
     "adapter": "adapter",

@@ -1,4 +1,4 @@
-"""The machine: what it has, which compute dtype to use, whether 4-bit works, seeding.
+"""The machine: what it has, which compute dtype to use, whether 4-bit works.
 
 Taught in notebook 01 (sections "Your machine" and "Which dtype?").
 """
@@ -88,10 +88,3 @@ def check_4bit() -> tuple[bool, str]:
             "Set load_in_4bit=False to train plain LoRA in 16/32-bit, or use a GPU runtime."
         )
     return True, f"NF4 round trip on {device}: mean |error| = {error:.4f} (4-bit levels, so small but not zero)"
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (CPU and CUDA) so runs repeat."""
-    from transformers import set_seed
-
-    set_seed(seed)

@@ -55,36 +55,36 @@ def login_from_environment() -> str:
 def write_model_card(run_dir, settings, adapter_dir=None) -> Path:
     """Write ``adapter/README.md``: base model, data, LoRA settings, losses, exact match, the loss plot (notebook 06).
 
-    Nothing secret goes in: the card is built from the run's own files, never from the environment.
+    The metadata block is written and validated by huggingface_hub's ``ModelCardData``. Nothing secret goes in:
+    the card is built from the run's own files, never from the environment.
     """
     import json
     import shutil
+
+    from huggingface_hub import ModelCard, ModelCardData
 
     run_dir = Path(run_dir)
     adapter_dir = Path(adapter_dir or run_dir / "adapter")
     log = files.read_json(run_dir / "training_log.json", missing={})
     evaluation = files.read_json(run_dir / "eval.json", missing={})
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    base = settings.model_id if settings.model_id != "tiny" else "tiny (a random-weight Llama built by lora_helpers)"
-    dataset_line = (
-        f"datasets:\n- {settings.dataset}\n"
-        if "/" in settings.dataset and not settings.dataset.startswith(("package:", "/", "."))
-        else ""
-    )
+    built_here = settings.model_id.startswith("tiny")
+    base = f"{settings.model_id} (a random-weight model built by lora_helpers)" if built_here else settings.model_id
+    on_hub = "/" in settings.dataset and not settings.dataset.startswith(("package:", "/", "."))
     if (run_dir / "loss.png").exists():
         shutil.copyfile(run_dir / "loss.png", adapter_dir / "loss.png")
 
     def number(value):
         return f"{value:.4f}" if isinstance(value, (int, float)) else "n/a"
 
-    card = f"""---
-library_name: peft
-base_model: {settings.model_id}
-{dataset_line}tags:
-- lora
-- qlora
-- trl
-- sft
+    metadata = ModelCardData(
+        library_name="peft",
+        base_model=None if built_here else settings.model_id,
+        datasets=[settings.dataset] if on_hub else None,
+        tags=["lora", "qlora", "trl", "sft"],
+    )
+    content = f"""---
+{metadata.to_yaml()}
 ---
 
 # LoRA adapter for {base}
@@ -94,7 +94,7 @@ Trained with the LoRA / QLoRA course (preset `{settings.preset}`), {"on a 4-bit 
 | | |
 |---|---|
 | base model | `{settings.model_id}` |
-| dataset | `{settings.dataset}` ({settings.chat_format} chat format, loss on the answers only: {settings.completion_only_loss}) |
+| dataset | `{settings.dataset}` (chat format: {settings.chat_format}; loss on the answers only: {settings.completion_only_loss}) |
 | LoRA | r={config["r"]}, alpha={config["lora_alpha"]}, dropout={config["lora_dropout"]}, targets: {", ".join(sorted(config["target_modules"]))} |
 | training | {settings.num_train_epochs} epochs, learning rate {settings.learning_rate:g}, batch {settings.per_device_train_batch_size} x {settings.gradient_accumulation_steps} accumulation, max_length {settings.max_length} |
 | final train loss | {number(log.get("final_train_loss"))} |
@@ -111,12 +111,15 @@ from transformers import AutoTokenizer
 
 model = AutoPeftModelForCausalLM.from_pretrained("THIS_REPO_OR_FOLDER")
 tokenizer = AutoTokenizer.from_pretrained("THIS_REPO_OR_FOLDER")
+inputs = tokenizer.apply_chat_template([{{"role": "user", "content": "..."}}], add_generation_prompt=True,
+                                       return_dict=True, return_tensors="pt")
 ```
 
-Prompts must use the format it was trained on: {"`<s>[INST] question [/INST]`" if settings.chat_format == "llama2" else "the tokenizer's chat template"}.
+Prompt it through the tokenizer's chat template, which the adapter folder carries: it was trained on exactly those ids.
 """
+    card = ModelCard(content)  # parses the metadata block back: a malformed card fails here, not on the Hub
     path = adapter_dir / "README.md"
-    path.write_text(card)
+    card.save(path)
     return path
 
 

@@ -14,7 +14,9 @@ count is exact; the memory is an estimate with a documented breakdown:
   high (``python -m lora_helpers bench`` measures it: within 6% for all-linear, +6% for q,k,v,o with dropout).
   With ``lora_dropout`` > 0 every adapted layer also keeps a dropped-out copy of its input and the mask;
 - logits: batch x length x vocabulary in fp32, and their gradient;
-- overhead: the CUDA context and allocator slack (0.5 GB + 10%).
+- overhead: on a GPU, the CUDA context and allocator slack (0.5 GB + 10%); a CPU has neither.
+
+Taught in notebook 02 too (section "What 4-bit saves": ``weight_memory_gb``).
 """
 
 from __future__ import annotations
@@ -22,7 +24,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lora_helpers import lora, memory, presets
+from lora_helpers import lora, presets
+
+# NF4 with double quantization: a 4-bit code per weight, an 8-bit absmax per block of 64
+# weights, and an fp32 scale per 256 of those absmaxes (QLoRA paper, section 3).
+NF4_BITS_PER_WEIGHT = 4 + 8 / 64 + 32 / (64 * 256)
+INT8_BITS_PER_WEIGHT = 8 + 32 / 4096  # LLM.int8(): 8-bit weights, a scale per row (~4096 wide)
 
 CONFIGS_DIR = Path(__file__).parent / "configs"
 # Shipped config.json files, so the planner works offline for every preset's architecture.
@@ -91,18 +98,46 @@ def activation_bytes_per_token_per_layer(config, compute_bytes: int = 2) -> int:
     return compute_bytes * (6 * h + 2 * kv + 4 * i)
 
 
-def plan(settings, compute_bytes: int = 2) -> dict:
+def quantizable_parameter_count(model) -> int:
+    """Weights bitsandbytes stores in 4 or 8 bits: ``d_in * d_out`` of every linear layer (not the head)."""
+    return sum(m.in_features * m.out_features for m in lora.linear_layers(model).values())
+
+
+def weight_memory_gb(model, unquantized_bytes: int = 2) -> dict[str, float]:
+    """Weight memory in GB (2**30 bytes) when the linear layers are stored at 16, 8 and 4 bits (notebook 02).
+
+    Only the linear layers inside the blocks are quantized; what never is (embeddings, norms, head) is counted at
+    ``unquantized_bytes`` in every bar alike: 2 in fp16/bf16 on a GPU, 4 in fp32 on a CPU.
+    """
+    quantizable = quantizable_parameter_count(model)
+    rest_bytes = (lora.base_parameter_count(model) - quantizable) * unquantized_bytes
+    return {
+        "16-bit": (quantizable * 2 + rest_bytes) / GB,
+        "8-bit": (quantizable * INT8_BITS_PER_WEIGHT / 8 + rest_bytes) / GB,
+        "4-bit NF4": (quantizable * NF4_BITS_PER_WEIGHT / 8 + rest_bytes) / GB,
+    }
+
+
+def for_this_machine() -> dict:
+    """``plan`` arguments for where it runs: fp16/bf16 and a CUDA overhead on a GPU, fp32 and none on a CPU."""
+    import torch
+
+    return {"compute_bytes": 2, "gpu": True} if torch.cuda.is_available() else {"compute_bytes": 4, "gpu": False}
+
+
+def plan(settings, compute_bytes: int = 2, gpu: bool = True) -> dict:
     """Trainable parameters and the estimated peak training memory (bytes, by part) for these settings.
 
     ``compute_bytes`` is the size of the compute dtype: 2 on a GPU (fp16/bf16), 4 on a CPU (fp32); it sizes
-    the activations, and the weights when they are not quantized.
+    the activations, and the weights when they are not quantized. ``gpu`` adds the CUDA context and allocator
+    slack; notebooks pass ``for_this_machine()``.
     """
     config = load_config(settings.model_id)
     model = meta_model(config)
     targets = lora.resolve_target_modules(model, settings.target_modules)
     trainable = lora.lora_parameter_count(model, settings.lora_r, targets)
     total = lora.base_parameter_count(model)
-    quantizable = memory.quantizable_parameter_count(model)
+    quantizable = quantizable_parameter_count(model)
     tokens = settings.per_device_train_batch_size * settings.max_length
     per_layer = activation_bytes_per_token_per_layer(config, compute_bytes) * tokens
     sizes = config_sizes(config)
@@ -114,13 +149,14 @@ def plan(settings, compute_bytes: int = 2) -> dict:
     without_checkpointing = layers * per_layer + dropout
     unquantized_bytes = 4 if settings.load_in_4bit else compute_bytes  # fp32 after prepare_model_for_kbit_training
     parts = {
-        "quantized weights": quantizable * (memory.NF4_BITS_PER_WEIGHT / 8 if settings.load_in_4bit else compute_bytes),
+        "quantized weights": quantizable * (NF4_BITS_PER_WEIGHT / 8 if settings.load_in_4bit else compute_bytes),
         "unquantized parts": (total - quantizable) * unquantized_bytes,
         "LoRA weights+grads+Adam": trainable * 16,
         "activations": with_checkpointing if settings.gradient_checkpointing else without_checkpointing,
         "logits": tokens * sizes["vocab"] * 4 * 2,
     }
-    parts["overhead"] = 0.5 * GB + 0.1 * sum(parts.values())
+    if gpu:
+        parts["overhead"] = 0.5 * GB + 0.1 * sum(parts.values())
     peak = sum(parts.values())
     return {
         "model_id": settings.model_id,
@@ -155,38 +191,19 @@ def advice(settings, peak_gb: float, parts: dict) -> list[str]:
 
 
 def format_plan(result: dict) -> str:
+    from lora_helpers import plots
+
+    unit, scale = plots.memory_unit(result["peak_gb"])
     lines = [
         f"{result['model_id']}: {result['parameters']:,} parameters, {result['trainable']:,} trainable "
         f"({result['trainable_share_%']:.3f}%) on {', '.join(result['targets'])}",
         "estimated peak training memory:",
     ]
-    lines += [f"  {name:<24} {gb:8.2f} GB" for name, gb in result["parts_gb"].items()]
-    lines.append(f"  {'total':<24} {result['peak_gb']:8.2f} GB")
+    lines += [f"  {name:<24} {gb * scale:8.2f} {unit}" for name, gb in result["parts_gb"].items()]
+    lines.append(f"  {'total':<24} {result['peak_gb'] * scale:8.2f} {unit}")
     lines.append("  fits: " + ", ".join(f"{gb} GB {'yes' if ok else 'no'}" for gb, ok in result["fits_gb"].items()))
     lines += [f"  to fit a 15 GB T4: {tip}" for tip in result["advice"]]
     return "\n".join(lines)
-
-
-def plot_plan(result: dict):
-    """One stacked bar of the estimate, with lines at the usual GPU sizes."""
-    from lora_helpers import plots
-
-    plt = plots.pyplot()
-    fig, ax = plt.subplots(figsize=(7, 2.6))
-    left = 0.0
-    for name, gb in result["parts_gb"].items():
-        ax.barh([0], [gb], left=left, label=f"{name} ({gb:.2f} GB)")
-        left += gb
-    for size in GPU_SIZES_GB:
-        if size < left * 3:
-            ax.axvline(size, color="crimson", linestyle="--")
-            ax.text(size, 0.45, f"{size} GB", color="crimson", ha="center", fontsize=8)
-    ax.set_yticks([])
-    ax.set_xlabel("GB")
-    ax.set_title(f"Estimated peak training memory: {result['model_id']}")
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.35), ncol=3)
-    fig.tight_layout()
-    return fig
 
 
 def plan_for_preset(name: str, **overrides) -> dict:

@@ -108,17 +108,60 @@ def loss_tokens_html(pieces: list[str], in_loss: list[bool]):
     return HTML(f'<div style="font-family:monospace;line-height:1.9">{"".join(spans)}</div>{legend}')
 
 
-def plot_memory(sizes_gb: dict[str, float], title: str, limit_gb: float | None = None):
-    """Bar chart of model weight memory per precision, with an optional line at the GPU's size."""
+def memory_unit(gb: float) -> tuple[str, float]:
+    """("MB", 1024) below 1 GB, else ("GB", 1): the unit that makes a model's numbers readable."""
+    return ("MB", 1024.0) if gb < 1 else ("GB", 1.0)
+
+
+def plot_memory(panels: dict[str, dict[str, float]], limit_gb: float | None = 15):
+    """Weight memory per precision (notebook 02), one panel per model, each in its own unit.
+
+    ``panels`` maps a title to ``plan.weight_memory_gb``'s result; a panel in GB gets a line at the GPU's size.
+    """
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    bars = ax.bar(list(sizes_gb), list(sizes_gb.values()), color=["#9aa5b1", "#5b8def", "#2e7d32"][: len(sizes_gb)])
-    ax.bar_label(bars, fmt="%.2f GB")
-    if limit_gb:
-        ax.axhline(limit_gb, color="crimson", linestyle="--", label=f"{limit_gb:g} GB GPU")
-        ax.legend()
-    ax.set_ylabel("weights (GB)")
-    ax.set_title(title)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.2), squeeze=False)
+    for ax, (title, sizes_gb) in zip(axes[0], panels.items()):
+        unit, scale = memory_unit(max(sizes_gb.values()))
+        values = [gb * scale for gb in sizes_gb.values()]
+        bars = ax.bar(list(sizes_gb), values, color=["#9aa5b1", "#5b8def", "#2e7d32"][: len(sizes_gb)])
+        ax.bar_label(bars, fmt=f"%.2f {unit}")
+        if limit_gb and unit == "GB" and max(values) > limit_gb / 3:
+            ax.axhline(limit_gb, color="crimson", linestyle="--", label=f"{limit_gb:g} GB GPU")
+            ax.legend()
+        ax.set_ylabel(f"weights ({unit})")
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_plan(results: dict[str, dict]):
+    """The planner's estimate as stacked bars, one per plan (notebooks 02 and 03), with lines at the GPU sizes.
+
+    ``results`` maps a label to ``plan.plan``'s result; each bar is drawn in GB, or in MB when all are small.
+    """
+    from lora_helpers import plan
+
+    plt = pyplot()
+    unit, scale = memory_unit(max(r["peak_gb"] for r in results.values()))
+    fig, ax = plt.subplots(figsize=(7.5, 1.2 + 0.9 * len(results)))
+    colors = {}
+    for row, (label, result) in enumerate(results.items()):
+        left = 0.0
+        for name, gb in result["parts_gb"].items():
+            label = None if name in colors else name  # each part once in the legend, whichever plan has it first
+            color = colors.setdefault(name, f"C{len(colors)}")
+            ax.barh([row], [gb * scale], left=left, color=color, label=label)
+            left += gb * scale
+        ax.text(left, row, f" {result['peak_gb'] * scale:.2f} {unit}", va="center", fontsize=8)
+    if unit == "GB":
+        for size in plan.GPU_SIZES_GB:
+            if size < ax.get_xlim()[1] * 1.5:
+                ax.axvline(size, color="crimson", linestyle="--")
+                ax.text(size, len(results) - 0.5, f"{size} GB", color="crimson", ha="center", fontsize=8)
+    ax.set_yticks(range(len(results)), list(results), fontsize=8)
+    ax.set_xlabel(unit)
+    ax.set_title("Estimated peak training memory")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.45), ncol=3)
     fig.tight_layout()
     return fig
 

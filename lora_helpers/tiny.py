@@ -335,3 +335,87 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0, name: str = "tiny") -> 
         )
     )
     return out_dir
+
+
+# Random-weight models for the benchmark: `mid` (15M parameters, trains on a CPU) and the exact shapes of the
+# presets' real models (a GPU's work), from the shipped configs/NAME.json.
+MID_CONFIG = dict(
+    hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4
+)
+RANDOM_MODELS = ("mid", "llama-2-7b", "llama-3.2-3b", "llama-3.1-8b")
+GB = 2**30
+
+
+def write_random_model(config, target: Path, tokenizer, max_shard_bytes: int = 2 * GB) -> Path:
+    """A Llama with random weights and this ``config``'s exact shapes, written as fp16 safetensors shards.
+
+    Tensors are made one at a time from the model's shapes on the meta device, so a 7B model needs about one
+    shard of memory, not 13 GB. Linear and embedding weights ~ N(0, initializer_range); norms are ones.
+    """
+    import torch
+    from accelerate import init_empty_weights
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    from lora_helpers import files
+
+    with init_empty_weights():
+        shapes = {name: t.shape for name, t in AutoModelForCausalLM.from_config(config).state_dict().items()}
+    if config.tie_word_embeddings:
+        shapes.pop("lm_head.weight", None)
+    shards, current, size = [], [], 0
+    for name, shape in shapes.items():
+        nbytes = 2 * shape.numel()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(name)
+        size += nbytes
+    shards.append(current)
+    generator = torch.Generator().manual_seed(0)
+    weight_map = {}
+    with files.atomic_dir(target) as tmp:
+        for index, names in enumerate(shards, 1):
+            filename = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
+            tensors = {}
+            for name in names:
+                if name.endswith("norm.weight"):
+                    tensors[name] = torch.ones(shapes[name], dtype=torch.float16)
+                else:
+                    std = config.initializer_range
+                    tensors[name] = torch.randn(shapes[name], generator=generator).mul_(std).half()
+                weight_map[name] = filename
+            save_file(tensors, Path(tmp) / filename, metadata={"format": "pt"})
+        total = sum(2 * shapes[name].numel() for name in weight_map)
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (Path(tmp) / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return target
+
+
+def random_model_dir(name: str) -> Path:
+    """A random-weight model ``name`` of ``RANDOM_MODELS``, built once into the cache (the 7B/8B shapes: 6-16 GB).
+
+    It uses ``tiny``'s tokenizer: its ids are all below every real vocabulary size, which the config keeps.
+    """
+    from transformers import LlamaConfig
+
+    if name not in RANDOM_MODELS:
+        raise ValueError(f"Unknown random-weight model {name!r}. Choose one of: {', '.join(RANDOM_MODELS)}.")
+    target = cache_root() / f"bench-{name}-v2"
+    if (target / "config.json").exists():
+        return target
+    tokenizer = build_tokenizer()
+    special = dict(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
+    if name == "mid":
+        config = LlamaConfig(
+            vocab_size=len(tokenizer), max_position_embeddings=512, tie_word_embeddings=False, **MID_CONFIG, **special
+        )
+    else:  # the real shapes from the shipped config.json
+        values = json.loads((Path(__file__).parent / "configs" / f"{name}.json").read_text())
+        values.pop("torch_dtype", None)
+        config = LlamaConfig(**{**values, **special})
+    return write_random_model(config, target, tokenizer)

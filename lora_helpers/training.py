@@ -255,14 +255,14 @@ def train_adapter(
 
     Checkpoints go to ``OUTPUT_DIR-checkpoints`` after every epoch; ``resume=True`` continues from the last one.
     """
-    from transformers import EarlyStoppingCallback
+    from transformers import EarlyStoppingCallback, set_seed
     from trl import SFTTrainer
 
     from lora_helpers import models
 
     checkpoint_dir = f"{output_dir}-checkpoints"
     resume_from = prepare_checkpoints(checkpoint_dir, resume, overwrite)
-    device.seed_everything(settings.seed)
+    set_seed(settings.seed)
     tokenizer = models.load_tokenizer(settings.model_id, settings.trust_remote_code, settings.chat_format)
     model = lora_model(settings, adapter_name, tokenizer=tokenizer)
     train, evaluation, _, _ = prepare_datasets(settings, tokenizer)

@@ -5,13 +5,17 @@ import json
 import pytest
 import torch
 
-from lora_helpers import bench, plan
+from lora_helpers import bench, plan, tiny
 
 
 def test_benchmark_runs_every_recipe_and_writes_results(tmp_path, tiny_dir):
-    result = bench.benchmark("tiny", steps=4)
+    result = bench.benchmark("tiny", steps=4, repeats=2)
     base, ours, full = (result[v] for v in bench.VARIANTS)
     assert base["steps"] == ours["steps"] == full["steps"] == 4
+    assert (base["runs"], ours["runs"], full["runs"]) == (2, 2, 1)  # interleaved repeats; the worst case once
+    each = result["real_tokens_per_s_of_each_run"]
+    assert len(each["baseline"]) == len(each["course"]) == 2
+    assert min(each["course"]) <= ours["real_tokens_per_s"] <= max(each["course"])  # the median of the runs
     # Counted from the batches the model was given, over the timed steps only:
     assert base["all_tokens"] == 4 * 8 * 128  # the Llama-2 about-me recipe pads every example to max_length
     assert ours["all_tokens"] < 0.5 * base["all_tokens"]  # the course pads each batch to its longest example
@@ -56,7 +60,7 @@ def test_random_model_has_the_config_shapes_and_loads_in_4bit(tmp_path, tiny_tok
     config = plan.load_config("NousResearch/Llama-2-7b-chat-hf")
     config.update(dict(hidden_size=128, intermediate_size=344, num_hidden_layers=2, num_attention_heads=4))
     config.update(dict(num_key_value_heads=4, vocab_size=1024, pad_token_id=tiny_tokenizer.pad_token_id))
-    target = bench.write_random_model(config, tmp_path / "shaped", tiny_tokenizer, max_shard_bytes=200_000)
+    target = tiny.write_random_model(config, tmp_path / "shaped", tiny_tokenizer, max_shard_bytes=200_000)
     index = json.loads((target / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 2
     model = models.load_model(str(target), load_in_4bit=True)
@@ -91,3 +95,11 @@ def test_padding_free_batches_are_exact_with_sdpa_only_without_a_cache(tiny_dir,
         leaky = model(**flat, use_cache=True).logits[0]
     assert (exact - reference).abs().max() < 1e-4
     assert (leaky - reference).abs().max() > 1e-2  # later examples attend to earlier ones
+
+
+def test_median_run_takes_the_median_of_each_rate_and_reports_the_spread():
+    runs = [{key: value for key in bench.RATES} | {"steps": 4} for value in (1.0, 10.0, 3.0)]
+    summary = bench.median_run(runs)
+    assert all(summary[key] == 3.0 for key in bench.RATES)  # one busy run (10.0) does not move the median
+    assert summary["spread_%"]["real_tokens_per_s"] == pytest.approx(100 * 9 / 3)
+    assert summary["runs"] == 3 and summary["steps"] == 4

@@ -37,3 +37,25 @@ def test_every_notebook_finds_the_colab_secret(monkeypatch):
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
     assert models.hub_token() == "hf_FromColabSecret"
+
+
+def test_model_card_metadata_is_valid_and_names_the_base(tmp_path):
+    import json
+
+    from huggingface_hub import ModelCard
+
+    from lora_helpers import presets
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(
+        json.dumps({"r": 8, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": ["v_proj", "q_proj"]})
+    )
+    (tmp_path / "training_log.json").write_text(json.dumps({"final_train_loss": 0.25}))
+    settings = presets.resolve_settings("llama2-7b-guanaco")
+    card = ModelCard.load(hub.write_model_card(tmp_path, settings))
+    assert card.data.library_name == "peft" and card.data.base_model == "NousResearch/Llama-2-7b-chat-hf"
+    assert card.data.datasets == ["mlabonne/guanaco-llama2-1k"] and "qlora" in card.data.tags
+    assert "r=8, alpha=32" in card.text and "0.2500" in card.text and "HF_TOKEN" not in card.text
+    tiny_card = ModelCard.load(hub.write_model_card(tmp_path, presets.resolve_settings("tiny")))
+    assert tiny_card.data.base_model is None and tiny_card.data.datasets is None  # nothing on the Hub to link

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from lora_helpers import __main__ as cli
-from lora_helpers import plan, presets
+from lora_helpers import plan, plots, presets
 
 
 def closed_form(config, r, targets):
@@ -69,8 +69,11 @@ def test_cli(capsys):
 
 
 def test_plan_chart(tiny_dir):
-    fig = plan.plot_plan(plan.plan_for_preset("llama2-7b-guanaco"))
-    assert len(fig.axes[0].patches) == 6
+    fig = plots.plot_plan({"guanaco": plan.plan_for_preset("llama2-7b-guanaco"), "tiny": plan.plan_for_preset("tiny")})
+    assert len(fig.axes[0].patches) == 12  # two plans of six parts each
+    assert fig.axes[0].get_xlabel() == "GB"
+    small = plots.plot_plan({"tiny on a CPU": plan.plan(presets.resolve_settings("tiny"), compute_bytes=4, gpu=False)})
+    assert small.axes[0].get_xlabel() == "MB"  # tiny's plan in MB, not "0.00 GB"
 
 
 def test_4bit_training_holds_the_unquantized_parts_in_fp32(tiny_dir):
@@ -88,3 +91,30 @@ def test_4bit_training_holds_the_unquantized_parts_in_fp32(tiny_dir):
     result = plan.plan(presets.get_preset("tiny"))
     expected = sum(p.numel() for p in unquantized) * 4 / plan.GB
     assert result["parts_gb"]["unquantized parts"] == pytest.approx(expected)
+
+
+def test_llama2_7b_weight_memory():
+    from accelerate import init_empty_weights
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with init_empty_weights():
+        model = LlamaForCausalLM(LlamaConfig())
+    sizes = plan.weight_memory_gb(model)
+    assert sizes["16-bit"] == pytest.approx(6_738_415_616 * 2 / 2**30)
+    assert 3.4 < sizes["4-bit NF4"] < 3.8  # what the QLoRA paper's 7B row reports, about 3.6 GB
+    assert sizes["4-bit NF4"] < sizes["8-bit"] < sizes["16-bit"]
+
+
+def test_weight_bars_compare_like_with_like_on_a_cpu(tiny_model_4bit):
+    """fp32 for what is never quantized, in every bar: 8-bit stays below 16-bit even for tiny's large embeddings."""
+    sizes = plan.weight_memory_gb(tiny_model_4bit, unquantized_bytes=4)
+    assert sizes["4-bit NF4"] < sizes["8-bit"] < sizes["16-bit"]
+    measured = tiny_model_4bit.get_memory_footprint()
+    assert sizes["4-bit NF4"] * 2**30 == pytest.approx(measured, rel=0.15)
+
+
+def test_a_cpu_plan_has_no_gpu_overhead():
+    on_gpu = plan.plan_for_preset("tiny")
+    on_cpu = plan.plan(presets.resolve_settings("tiny"), compute_bytes=4, gpu=False)
+    assert "overhead" in on_gpu["parts_gb"] and "overhead" not in on_cpu["parts_gb"]
+    assert on_cpu["peak_gb"] < 0.1  # tiny: megabytes, not the CUDA context's half gigabyte

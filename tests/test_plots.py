@@ -30,5 +30,10 @@ def test_course_images_are_drawn(tmp_path):
 
 
 def test_memory_chart():
-    fig = plots.plot_memory({"16-bit": 12.6, "8-bit": 6.7, "4-bit NF4": 3.6}, "Llama-2-7B", limit_gb=15)
-    assert len(fig.axes[0].patches) == 3
+    fig = plots.plot_memory(
+        {"Llama-2-7B": {"16-bit": 12.6, "8-bit": 6.7, "4-bit NF4": 3.6}, "tiny": {"16-bit": 0.002, "4-bit NF4": 0.001}}
+    )
+    big, small = fig.axes
+    assert len(big.patches) == 3 and big.get_ylabel() == "weights (GB)" and big.get_lines()  # the 15 GB line
+    assert small.get_ylabel() == "weights (MB)" and not small.get_lines()
+    assert [t.get_text() for t in small.texts] == ["2.05 MB", "1.02 MB"]
