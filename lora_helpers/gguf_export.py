@@ -217,19 +217,39 @@ def _tensor_sources(merged_dir: Path, config) -> dict:
     return sources
 
 
-def _convert(name: str, array: np.ndarray, config, file_type: str):
-    """One tensor as it goes into the file: (array, raw GGML type or None)."""
+def _storage(ndim: int, file_type: str):
+    """How a tensor is stored in the file: (numpy dtype written, GGML quantized type or None).
+
+    Norms (1-D) stay F32 in every file type; matrices follow the file type.
+    """
+    import gguf
+
+    if ndim == 1 or file_type == "F32":
+        return np.float32, None
+    if file_type == "F16":
+        return np.float16, None
+    return np.uint8, gguf.GGMLQuantizationType.Q8_0
+
+
+def _stored_size(shape: tuple, file_type: str) -> int:
+    import gguf
+
+    dtype, kind = _storage(len(shape), file_type)
+    if kind is None:
+        return math.prod(shape) * np.dtype(dtype).itemsize
+    return gguf.quant_shape_to_byte_shape(shape, kind)[-1] * math.prod(shape[:-1])
+
+
+def _convert(name: str, array: np.ndarray, config, file_type: str) -> np.ndarray:
+    """One tensor as it goes into the file: rope rows permuted, then cast or quantized as ``_storage`` says."""
     import gguf
 
     if name.endswith("self_attn.q_proj.weight"):
         array = permute_for_rope(array, config.num_attention_heads)
     elif name.endswith("self_attn.k_proj.weight"):
         array = permute_for_rope(array, config.num_key_value_heads or config.num_attention_heads)
-    if array.ndim == 1 or file_type == "F32":  # norms stay in F32 in every file type
-        return array.astype(np.float32), None
-    if file_type == "F16":
-        return array.astype(np.float16), None
-    return gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
+    dtype, kind = _storage(array.ndim, file_type)
+    return gguf.quants.quantize(array, kind) if kind is not None else array.astype(dtype)
 
 
 def export_gguf(merged_dir: str | Path, out_path: str | Path, file_type: str = "F16") -> Path:
@@ -260,15 +280,14 @@ def export_gguf(merged_dir: str | Path, out_path: str | Path, file_type: str = "
         for name, shard in sources.items():
             with safe_open(shard, "pt") as f:
                 shape = tuple(f.get_slice(name).get_shape())
-            kind = gguf.GGMLQuantizationType.Q8_0 if file_type == "Q8_0" and len(shape) > 1 else None
-            itemsize = 4 if len(shape) == 1 or file_type == "F32" else 2
-            nbytes = (
-                gguf.quant_shape_to_byte_shape(shape, kind)[-1] * math.prod(shape[:-1])
-                if kind
-                else (math.prod(shape) * itemsize)
+            dtype, kind = _storage(len(shape), file_type)
+            writer.add_tensor_info(
+                gguf_name(name),
+                shape,
+                np.dtype(np.float32 if kind else dtype),
+                _stored_size(shape, file_type),
+                raw_dtype=kind,
             )
-            dtype = np.float32 if itemsize == 4 else np.float16
-            writer.add_tensor_info(gguf_name(name), shape, np.dtype(dtype), nbytes, raw_dtype=kind)
         for name, array in extra.items():
             writer.add_tensor_info(name, array.shape, array.dtype, array.nbytes)
         writer.write_header_to_file()
@@ -278,7 +297,7 @@ def export_gguf(merged_dir: str | Path, out_path: str | Path, file_type: str = "
         for name, shard in sources.items():
             with safe_open(shard, "pt") as f:
                 array = f.get_tensor(name).to(torch.float32).numpy()
-            writer.write_tensor_data(_convert(name, array, config, file_type)[0])
+            writer.write_tensor_data(_convert(name, array, config, file_type))
             del array
         for array in extra.values():
             writer.write_tensor_data(array)
