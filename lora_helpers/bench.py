@@ -24,6 +24,7 @@ max allocated on a GPU, peak RSS on a CPU). Timings are ratios measured in one r
 from __future__ import annotations
 
 import dataclasses
+import os
 import tempfile
 import time
 import warnings
@@ -99,21 +100,32 @@ def saved_for_backward_bytes(model, input_ids) -> int:
 
 
 class _Meter:
-    """Counts the tokens of every batch the model is given and times the steps after the warm-up."""
+    """Counts the tokens of every batch the model is given and times the steps after the warm-up.
+
+    On a GPU the time is the wall clock's. On a CPU it is the CPU time of this process (all its threads): on a
+    shared machine other processes stretch the wall clock of whichever variant runs at a busy moment, but not the
+    work each variant's own threads do. (``benchmark`` also makes idle OpenMP threads sleep instead of spinning,
+    so that waiting is not counted as work.)
+    """
 
     def __init__(self, warmup: int):
+        import torch
         from transformers import TrainerCallback
 
-        self.warmup, self.batches, self.first, self.start, self.seconds = warmup, [], None, None, None
+        self.clock = time.perf_counter if torch.cuda.is_available() else time.process_time
+        self.warmup, self.batches, self.first = warmup, [], None
+        self.start = self.wall_start = self.seconds = self.wall_seconds = None
         meter = self
 
         class Callback(TrainerCallback):
             def on_step_end(self, args, state, control, **kwargs):
                 if state.global_step == meter.warmup:
-                    meter.start, meter.first = time.perf_counter(), len(meter.batches)
+                    meter.start, meter.wall_start = meter.clock(), time.perf_counter()
+                    meter.first = len(meter.batches)
 
             def on_train_end(self, args, state, control, **kwargs):
-                meter.seconds = time.perf_counter() - meter.start
+                meter.seconds = meter.clock() - meter.start
+                meter.wall_seconds = time.perf_counter() - meter.wall_start
 
         self.callback = Callback()
 
@@ -236,6 +248,8 @@ def run_variant(variant: str, model: str, preset: str, steps: int, batch_size: i
         "max_length": settings.max_length,
         "gradient_checkpointing": settings.gradient_checkpointing,
         "seconds": seconds,
+        "wall_seconds": meter.wall_seconds,
+        "clock": "wall" if torch.cuda.is_available() else "CPU time of the process",
         "real_tokens": tokens["real"],
         "supervised_tokens": tokens["supervised"],
         "all_tokens": tokens["all"],
@@ -305,8 +319,6 @@ def benchmark(
     so that a busy moment of a shared machine slows both rather than one; the ratios are taken from the medians.
     The worst case (course at max_length) runs once: it serves the planner's check, not a ratio.
     """
-    import multiprocessing
-
     import torch
 
     if model in SHAPED and not torch.cuda.is_available():
@@ -317,6 +329,24 @@ def benchmark(
     if repeats < 1:
         raise ValueError(f"repeats={repeats}: run each variant at least once.")
     preset = preset or SHAPED.get(model, "tiny")
+    # Idle OpenMP threads sleep rather than spin: on a CPU the runs are timed in CPU time, and spinning while
+    # waiting for a descheduled sibling thread would count a busy machine's delays as work. Children inherit it.
+    saved_policy = os.environ.get("OMP_WAIT_POLICY")
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    try:
+        return _benchmark(model, preset, steps, batch_size, max_length, repeats)
+    finally:
+        if saved_policy is None:
+            os.environ.pop("OMP_WAIT_POLICY")
+        else:
+            os.environ["OMP_WAIT_POLICY"] = saved_policy
+
+
+def _benchmark(model, preset, steps, batch_size, max_length, repeats) -> dict:
+    import multiprocessing
+
+    import torch
+
     context = multiprocessing.get_context("spawn")
     args = (model, preset, steps, batch_size, max_length)
     runs = {variant: [] for variant in VARIANTS}
@@ -373,7 +403,8 @@ def markdown_table(result: dict) -> str:
     lines = [
         f"Model `{s['model']}` with preset `{s['preset']}`: batch {s['batch_size']}, max_length {s['max_length']}, "
         f"gradient checkpointing {'on' if s['gradient_checkpointing'] else 'off'}, {s['steps']} timed steps after "
-        f"{s['warmup_steps']} untimed ones, on {c['device']}. Peak memory: {memory}. Baseline and course ran "
+        f"{s['warmup_steps']} untimed ones, on {c['device']}, timed in {c['clock']}. Peak memory: {memory}. "
+        f"Baseline and course ran "
         f"{s['repeats']} times each, interleaved, each run in a fresh process: medians, ratios of the medians. Spread "
         f"of real tokens / s between runs, (max - min) / median: baseline {b['spread_%']['real_tokens_per_s']:.0f}%, "
         f"course {c['spread_%']['real_tokens_per_s']:.0f}%.",
