@@ -116,16 +116,6 @@ def prompt_and_completion_ids(tokenizer, prompt: list[dict], completion: list[di
     return head, full[len(head) :]
 
 
-def template_family(tokenizer_or_template) -> str:
-    """``"llama3"``, ``"llama2"`` or ``"other"``, read from the chat template (for Ollama's Modelfile)."""
-    template = getattr(tokenizer_or_template, "chat_template", tokenizer_or_template) or ""
-    if "<|start_header_id|>" in template:
-        return "llama3"
-    if "[INST]" in template:
-        return "llama2"
-    return "other"
-
-
 def tokenizer_adds_bos(tokenizer) -> bool:
     """True when ``tokenizer(text)`` puts BOS in front by itself (Llama tokenizers do)."""
     ids = tokenizer("a")["input_ids"]
