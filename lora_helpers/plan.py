@@ -45,12 +45,18 @@ GPU_SIZES_GB = (15, 24, 40, 80)
 GB = 2**30
 
 
+def shipped_config_values(name: str) -> dict:
+    """``configs/NAME.json``: a real model's config shipped with the course (the planner, the tiny twins, the
+    random-weight models of the benchmark)."""
+    return json.loads((CONFIGS_DIR / f"{name}.json").read_text())
+
+
 def load_config(model_id: str):
     """The model's config: shipped for the presets' models, the tiny model's own, or read from the Hub/a folder."""
     from transformers import AutoConfig, LlamaConfig
 
     if model_id in SHIPPED:
-        return LlamaConfig(**json.loads((CONFIGS_DIR / f"{SHIPPED[model_id]}.json").read_text()))
+        return LlamaConfig(**shipped_config_values(SHIPPED[model_id]))
     from lora_helpers import models
 
     return AutoConfig.from_pretrained(models.resolve_model_path(model_id))

@@ -257,14 +257,18 @@ def build_llama3_tokenizer():
     )
 
 
-def shrunk_config(shipped: str, **changes):
-    """A shipped ``configs/NAME.json`` of a real model with its sizes shrunk to the tiny ones."""
+def shipped_config(name: str, **changes):
+    """A real model's shipped ``configs/NAME.json`` as a ``LlamaConfig``, with ``changes`` applied.
+
+    Its fp16 ``torch_dtype`` is dropped: the weights written here decide their own dtype.
+    """
     from transformers import LlamaConfig
 
-    values = json.loads((Path(__file__).parent / "configs" / f"{shipped}.json").read_text())
+    from lora_helpers import plan
+
+    values = plan.shipped_config_values(name)
     values.pop("torch_dtype", None)
-    values.update(SHRUNK, **changes)
-    return LlamaConfig(**values)
+    return LlamaConfig(**{**values, **changes})
 
 
 def build_tiny_model(out_dir: str | Path, seed: int = 0, name: str = "tiny") -> Path:
@@ -291,8 +295,9 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0, name: str = "tiny") -> 
     elif name == "tiny-llama2":
         tokenizer = build_llama2_tokenizer(out_dir)
         heads = TINY_CONFIG["num_attention_heads"]
-        config = shrunk_config(
+        config = shipped_config(
             "llama-2-7b",
+            **SHRUNK,
             vocab_size=len(tokenizer),
             num_attention_heads=heads,
             num_key_value_heads=heads,
@@ -306,8 +311,9 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0, name: str = "tiny") -> 
         tokenizer = build_llama3_tokenizer()
         ids = {token: tokenizer.convert_tokens_to_ids(token) for token in LLAMA3_SPECIAL_TOKENS}
         stops = [ids["<|end_of_text|>"], ids["<|eom_id|>"], ids["<|eot_id|>"]]
-        config = shrunk_config(
+        config = shipped_config(
             "llama-3.2-3b",
+            **SHRUNK,
             vocab_size=len(tokenizer),
             num_attention_heads=4,
             num_key_value_heads=2,
@@ -415,7 +421,5 @@ def random_model_dir(name: str) -> Path:
             vocab_size=len(tokenizer), max_position_embeddings=512, tie_word_embeddings=False, **MID_CONFIG, **special
         )
     else:  # the real shapes from the shipped config.json
-        values = json.loads((Path(__file__).parent / "configs" / f"{name}.json").read_text())
-        values.pop("torch_dtype", None)
-        config = LlamaConfig(**{**values, **special})
+        config = shipped_config(name, **special)
     return write_random_model(config, target, tokenizer)
