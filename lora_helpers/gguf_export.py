@@ -21,6 +21,7 @@ that llama.cpp tokenizes the chat-templated prompt to the same ids as transforme
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from pathlib import Path
@@ -205,13 +206,13 @@ def _hyperparameters(writer, config, name: str, file_type: str) -> int:
 
 
 def _tensor_sources(merged_dir: Path, config) -> dict:
-    """``{hf name: shard file}`` of every tensor to write; tied models have no ``lm_head`` to write."""
+    """``{hf name: (shard file, shape)}`` of every tensor to write, shard by shard; tied models have no ``lm_head``."""
     from safetensors import safe_open
 
     sources = {}
     for shard in sorted(merged_dir.glob("*.safetensors")):
         with safe_open(shard, "pt") as f:
-            sources.update({name: shard for name in f.keys()})
+            sources.update({name: (shard, tuple(f.get_slice(name).get_shape())) for name in f.keys()})
     if config.tie_word_embeddings:
         sources.pop("lm_head.weight", None)  # llama.cpp reads the output head from token_embd
     return sources
@@ -277,9 +278,7 @@ def export_gguf(merged_dir: str | Path, out_path: str | Path, file_type: str = "
 
         # Pass 1: the tensor table (names, shapes, types, sizes), written before any data.
         sources = _tensor_sources(merged_dir, config)
-        for name, shard in sources.items():
-            with safe_open(shard, "pt") as f:
-                shape = tuple(f.get_slice(name).get_shape())
+        for name, (_, shape) in sources.items():
             dtype, kind = _storage(len(shape), file_type)
             writer.add_tensor_info(
                 gguf_name(name),
@@ -293,12 +292,13 @@ def export_gguf(merged_dir: str | Path, out_path: str | Path, file_type: str = "
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        # Pass 2: the data, one tensor in memory at a time.
-        for name, shard in sources.items():
+        # Pass 2: the data, in the same order, one tensor in memory at a time.
+        for shard, group in itertools.groupby(sources.items(), key=lambda item: item[1][0]):
             with safe_open(shard, "pt") as f:
-                array = f.get_tensor(name).to(torch.float32).numpy()
-            writer.write_tensor_data(_convert(name, array, config, file_type))
-            del array
+                for name, _ in group:
+                    array = f.get_tensor(name).to(torch.float32).numpy()
+                    writer.write_tensor_data(_convert(name, array, config, file_type))
+                    del array
         for array in extra.values():
             writer.write_tensor_data(array)
     except BaseException:
