@@ -4,13 +4,14 @@ Import modules explicitly (``from lora_helpers import data``); nothing is re-exp
 """
 
 import logging
+import os
 import warnings
 
 __version__ = "0.1.0"
 
 # Notices from inside the libraries that a learner can do nothing about, kept out of the executed notebooks:
-# - peft 0.21's prepare_model_for_kbit_training asks transformers 5.24 for `is_gradient_checkpointing`, a name
-#   transformers now deprecates in favour of `is_activation_checkpointing`;
+# - peft 0.21's prepare_model_for_kbit_training asks transformers 5.24 for `is_gradient_checkpointing` and calls
+#   `gradient_checkpointing_enable`, names transformers now deprecates for `..._activation_checkpointing...`;
 # - bitsandbytes on a CPU with AVX512-BF16 tries to download a faster 4-bit kernel from the Hub (the `kernels`
 #   package), and logs when it cannot; its built-in kernel is used instead, and the course turns its repacking off
 #   anyway (models.keep_4bit_weights_as_loaded);
@@ -19,9 +20,12 @@ __version__ = "0.1.0"
 # - transformers says which dtype `dequantize()` produced, on every call (notebook 05 prints the merge's dtype);
 # - transformers ignores Llama-3's `clean_up_tokenization_spaces=True` (it would corrupt byte-level text) and says
 #   so on every tokenizer load;
+# - transformers' pipeline suggests a dataset when it is called once per prompt on a GPU (notebook 06 does, to
+#   print each answer as the learner reads it);
 # - gguf's SpecialVocab does not recognise Llama's two-sequence template (`<s> A <s> B`), which llama.cpp never uses.
 # Import lora_helpers before peft and bitsandbytes for the second to take effect (the notebooks do).
 warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+warnings.filterwarnings("ignore", message=r"`gradient_checkpointing_enable` is deprecated", category=FutureWarning)
 
 
 class _DropMessage(logging.Filter):
@@ -39,4 +43,11 @@ logging.getLogger("transformers.integrations.bitsandbytes").addFilter(_DropMessa
 logging.getLogger("transformers.tokenization_utils_tokenizers").addFilter(
     _DropMessage("Ignoring clean_up_tokenization_spaces=True for BPE")
 )
+logging.getLogger("transformers.pipelines.base").addFilter(_DropMessage("You seem to be using the pipelines"))
 logging.getLogger("gguf.vocab").addFilter(_DropMessage("Unknown separator token"))
+
+# The course runner asks each notebook's kernel for its peak memory at exit (device.record_peaks, summary.json).
+if os.environ.get("LORA_COURSE_PEAKS_FILE"):
+    from lora_helpers import device as _device
+
+    _device.start_recording_peaks(os.environ["LORA_COURSE_PEAKS_FILE"])

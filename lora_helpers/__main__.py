@@ -16,6 +16,16 @@ def main(argv: list[str] | None = None) -> int:
     course.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in run-dir")
     course.add_argument("--only", nargs="+", default=None, metavar="NN", help="run only these notebooks, e.g. 04 05")
     course.add_argument(
+        "--rehearse-t4",
+        action="store_true",
+        help="on a bigger GPU, run as on a Colab T4: 14.3 GiB for PyTorch, fp16, SDPA (checks a class before teaching)",
+    )
+    course.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="replace the preset's model by random weights of its exact shapes and family tokenizer (no download)",
+    )
+    course.add_argument(
         "-p",
         "--parameter",
         action="append",
@@ -66,7 +76,15 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             params = runner.parse_parameters(args.parameter)
-            summary = runner.run_course(args.preset, args.run_dir, args.only, params, overwrite=args.overwrite)
+            summary = runner.run_course(
+                args.preset,
+                args.run_dir,
+                args.only,
+                params,
+                overwrite=args.overwrite,
+                rehearse_t4=args.rehearse_t4,
+                random_weights=args.random_weights,
+            )
         except (runner.NotebookFailed, ValueError, OSError) as error:
             print(f"\nerror: {error}", file=sys.stderr)
             return 1

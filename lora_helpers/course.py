@@ -187,18 +187,26 @@ def run_course(
     only: list[str] | None = None,
     params: dict | None = None,
     overwrite: bool = False,
+    rehearse_t4: bool = False,
+    random_weights: bool = False,
     echo=print,
 ) -> dict:
-    """Run the notebooks in order; return (and write) the summary. Raises ``NotebookFailed`` on the first failure."""
+    """Run the notebooks in order; return (and write) the summary. Raises ``NotebookFailed`` on the first failure.
+
+    ``rehearse_t4``: every notebook runs as on a Colab T4 (``device.rehearse_t4``). ``random_weights``: the
+    preset's model is replaced by a random-weight model of its exact shapes and family tokenizer
+    (``tiny.real_size_model_dir``), so a 7B run needs no download. Each notebook's peak GPU memory and host RSS
+    go into ``summary.json``.
+    """
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
     from lora_helpers import presets
 
-    presets.get_preset(preset)  # unknown presets fail here, before any notebook starts
+    settings = presets.get_preset(preset)  # unknown presets fail here, before any notebook starts
     run_dir = Path(run_dir or f"runs/{preset}").expanduser().resolve()
     params = dict(params or {})
-    for reserved in ("preset", "run_dir", "overwrite"):
+    for reserved in ("preset", "run_dir", "overwrite", "rehearse_t4"):
         if reserved in params:
             raise ValueError(f"Pass {reserved} with --{reserved.replace('_', '-')}, not with -p.")
     notebooks = course_notebooks(only)
@@ -209,6 +217,13 @@ def run_course(
         raise ValueError(f"No notebook declares the parameter(s) {sorted(unknown)}. Declared: {', '.join(known)}.")
     if any(nb.name.startswith("04") for nb in notebooks):
         files.refuse_to_overwrite(run_dir, overwrite)  # before notebook 01 starts, not after it
+    if random_weights:
+        from lora_helpers import tiny
+
+        shape = tiny.real_size_name(params.get("model_id") or settings.model_id)
+        echo(f"random-weight model with the shapes of {shape} ...", end=" ", flush=True)
+        params["model_id"] = str(tiny.real_size_model_dir(shape))  # built once, before notebook 01 starts
+        echo(params["model_id"])
     if preset == "tiny":
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tiny preset never needs the network
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -216,12 +231,23 @@ def run_course(
     out_dir = run_dir / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = {"preset": preset, "run_dir": str(run_dir), "parameters": params, "status": "running", "notebooks": []}
+    if rehearse_t4:
+        summary["rehearse_t4"] = True
     total_start = time.time()
     for index, notebook in enumerate(notebooks, 1):
-        given = {"preset": preset, "run_dir": str(run_dir), "overwrite": overwrite, **params}
+        given = {
+            "preset": preset,
+            "run_dir": str(run_dir),
+            "overwrite": overwrite,
+            "rehearse_t4": rehearse_t4,
+            **params,
+        }
         given = {k: v for k, v in given.items() if k in declared[notebook]}
         echo(f"[{index}/{len(notebooks)}] {notebook.name} ...", end=" ", flush=True)
         start = time.time()
+        peaks_file = out_dir / f".peaks-{notebook.stem}.json"
+        peaks_file.unlink(missing_ok=True)
+        os.environ[PEAKS_ENV] = str(peaks_file)  # the kernel inherits it and writes its peaks at exit
         try:
             papermill.execute_notebook(
                 str(notebook),
@@ -241,7 +267,8 @@ def run_course(
                 else ("?", type(error).__name__, str(error).strip().splitlines()[0] if str(error).strip() else "")
             )
             seconds = round(time.time() - start, 1)
-            summary["notebooks"].append({"name": notebook.name, "seconds": seconds, "status": "failed"})
+            peaks = read_peaks(peaks_file)
+            summary["notebooks"].append({"name": notebook.name, "seconds": seconds, "status": "failed", **peaks})
             summary["status"] = "failed"
             summary["error"] = {"notebook": notebook.name, "cell": cell, "type": kind, "message": message}
             write_summary(run_dir, summary, time.time() - total_start)
@@ -251,10 +278,30 @@ def run_course(
                 f"The executed notebook, with the traceback, is {out_dir / notebook.name}."
             ) from None
         seconds = round(time.time() - start, 1)
-        summary["notebooks"].append({"name": notebook.name, "seconds": seconds, "status": "ok"})
-        echo(f"ok ({seconds} s)")
+        peaks = read_peaks(peaks_file)
+        summary["notebooks"].append({"name": notebook.name, "seconds": seconds, "status": "ok", **peaks})
+        echo(f"ok ({seconds} s{format_peaks(peaks)})")
     summary["status"] = "ok"
     return write_summary(run_dir, summary, time.time() - total_start)
+
+
+PEAKS_ENV = "LORA_COURSE_PEAKS_FILE"  # device.PEAKS_ENV, without importing torch into the runner
+
+
+def read_peaks(path: Path) -> dict:
+    """The peaks a notebook's kernel wrote at exit (``device.record_peaks``); {} if it died before writing."""
+    peaks = files.read_json(path) or {}
+    path.unlink(missing_ok=True)
+    return peaks
+
+
+def format_peaks(peaks: dict) -> str:
+    text = f", host RSS {peaks['host_peak_rss_gb']} GB" if "host_peak_rss_gb" in peaks else ""
+    if "host_peak_private_gb" in peaks:
+        text += f" ({peaks['host_peak_private_gb']} GB private)"
+    if "gpu_max_reserved_gb" in peaks:
+        text += f", GPU {peaks['gpu_max_reserved_gb']} GB reserved / {peaks['gpu_max_allocated_gb']} GB allocated"
+    return text
 
 
 def write_summary(run_dir: Path, summary: dict, seconds: float) -> dict:
@@ -276,7 +323,7 @@ def write_summary(run_dir: Path, summary: dict, seconds: float) -> dict:
 def print_summary(summary: dict, stream=sys.stdout) -> None:
     print(f"\nCourse run: {summary['status']} in {summary['total_seconds']} s  ({summary['run_dir']})", file=stream)
     for nb in summary["notebooks"]:
-        print(f"  {nb['name']:<28} {nb['seconds']:>7} s  {nb['status']}", file=stream)
+        print(f"  {nb['name']:<28} {nb['seconds']:>7} s  {nb['status']}{format_peaks(nb)}", file=stream)
     for key in ("final_train_loss", "final_eval_loss", "final_eval_perplexity", "exact_match"):
         if summary.get(key) is not None:
             print(f"  {key}: {summary[key]}", file=stream)

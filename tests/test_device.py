@@ -56,3 +56,46 @@ def test_models_load_with_the_chosen_attention(tiny_dir):
     from lora_helpers import models
 
     assert models.load_model("tiny", load_in_4bit=True).config._attn_implementation == "sdpa"
+
+
+def test_t4_rehearsal_caps_memory_and_forces_fp16_and_sdpa(monkeypatch):
+    """On a bigger GPU (faked: CI has none), rehearse_t4 caps PyTorch at a T4's memory, and the course computes in
+    fp16 with SDPA attention as it would on a T4."""
+    import importlib.util
+
+    fraction = []
+    monkeypatch.setenv(device.REHEARSAL_ENV, "0")  # restored after the test
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *a: type("P", (), {"total_memory": 80 * 2**30}))
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, index=None: fraction.append(f))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (75 * 2**30, 80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda *a: 4 * 2**30)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: object() if n == "flash_attn" else real_find_spec(n))
+    assert device.compute_dtype() == torch.bfloat16 and device.attention_implementation() == "flash_attention_2"
+    assert device.gpu_memory_free_bytes() == 75 * 2**30
+
+    message = device.rehearse_t4()
+    cap = device.T4_TOTAL_BYTES - device.T4_CONTEXT_BYTES
+    assert device.rehearsing_t4() and "14.35 GiB of 80 GiB" in message
+    assert fraction == [pytest.approx(cap / (80 * 2**30))]
+    assert device.compute_dtype() == torch.float16 and device.attention_implementation() == "sdpa"
+    assert device.gpu_memory_free_bytes() == cap - 4 * 2**30  # what is left under the cap, not the card's 75 GB
+
+
+def test_peaks_are_recorded_for_the_runner(tmp_path):
+    import json
+    import threading
+
+    threading.Thread(target=device._sample_private_memory, daemon=True).start()
+    ballast = bytearray(300 * 2**20)  # 300 MB of private memory
+    import time
+
+    time.sleep(0.6)
+    del ballast
+    device.record_peaks(str(tmp_path / "peaks.json"))
+    peaks = json.loads((tmp_path / "peaks.json").read_text())
+    assert peaks["host_peak_private_gb"] >= 0.29 and peaks["host_peak_rss_gb"] >= peaks["host_peak_private_gb"]
+    assert "gpu_max_reserved_gb" not in peaks  # no GPU here
