@@ -49,6 +49,8 @@ def model_dir(model: str) -> str:
         return "tiny"
     if model not in MODELS:
         raise ValueError(f"Unknown benchmark model {model!r}. Choose one of: {', '.join(MODELS)}.")
+    if model in SHAPED:  # the same models as the course runner's --random-weights
+        return str(tiny.real_size_model_dir(model))
     return str(tiny.random_model_dir(model))
 
 
@@ -182,7 +184,13 @@ def run_variant(variant: str, model: str, preset: str, steps: int, batch_size: i
     meter = _Meter(WARMUP_STEPS)
     total_steps = steps + WARMUP_STEPS
     scratch = tempfile.mkdtemp(prefix="lora-bench-")  # save_strategy="no": nothing is kept there
-    quiet = dict(max_steps=total_steps, logging_steps=total_steps, save_strategy="no", dataloader_drop_last=True)
+    quiet = dict(
+        max_steps=total_steps,
+        logging_steps=total_steps,
+        logging_first_step=False,
+        save_strategy="no",
+        dataloader_drop_last=True,
+    )
     if variant == "baseline":
         tokenized = train.map(  # the same ids as the course's, every example padded to max_length
             lambda ex: tokenizer.pad(

@@ -118,7 +118,20 @@ def space_after_special_token(tokenizer) -> bool:
     return tokenizer.convert_ids_to_tokens(ids[1]).startswith("\u2581")
 
 
-def _sentencepiece_vocabulary(writer, merged_dir: Path, tokenizer) -> int:
+def _pad(tokens: list, types: list, scores: list | None, vocab_size: int) -> None:
+    """Fill the ids a model has embeddings for but its tokenizer never produces with unused placeholders, as
+    llama.cpp's converter does: llama.cpp requires one token per embedding row (a vocabulary padded to a round
+    size, or a random-weight model of a real shape with a tiny tokenizer)."""
+    import gguf
+
+    for index in range(len(tokens), vocab_size):
+        tokens.append(f"[PAD{index}]")
+        types.append(gguf.TokenType.UNUSED)
+        if scores is not None:
+            scores.append(-1000.0)
+
+
+def _sentencepiece_vocabulary(writer, merged_dir: Path, tokenizer, vocab_size: int) -> int:
     """Llama-2's vocabulary: tokens and types from ``gguf.LlamaHfVocab``; scores in SentencePiece's order."""
     import gguf
 
@@ -129,6 +142,7 @@ def _sentencepiece_vocabulary(writer, merged_dir: Path, tokenizer) -> int:
         # LlamaHfVocab writes a placeholder score. llama.cpp merges the pair with the highest score first, and a
         # SentencePiece BPE vocabulary is ordered by merge: the score of a piece is minus its id.
         scores.append(-float(index) if kind == gguf.TokenType.NORMAL else score)
+    _pad(tokens, types, scores, vocab_size)
     writer.add_tokenizer_model("llama")
     writer.add_tokenizer_pre("default")
     writer.add_token_list(tokens)
@@ -138,7 +152,7 @@ def _sentencepiece_vocabulary(writer, merged_dir: Path, tokenizer) -> int:
     return len(tokens)
 
 
-def _byte_level_vocabulary(writer, tokenizer_json: dict, tokenizer) -> int:
+def _byte_level_vocabulary(writer, tokenizer_json: dict, tokenizer, vocab_size: int) -> int:
     """Byte-level BPE (Llama-3, the tiny model): added special tokens typed as control tokens."""
     import gguf
 
@@ -153,6 +167,7 @@ def _byte_level_vocabulary(writer, tokenizer_json: dict, tokenizer) -> int:
             types.append(gguf.TokenType.CONTROL if added[index].special else gguf.TokenType.USER_DEFINED)
         else:
             types.append(gguf.TokenType.NORMAL)
+    _pad(tokens, types, None, vocab_size)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre_tokenizer_name(tokenizer_json))
     writer.add_token_list(tokens)
@@ -160,15 +175,15 @@ def _byte_level_vocabulary(writer, tokenizer_json: dict, tokenizer) -> int:
     return len(tokens)
 
 
-def _tokenizer_metadata(writer, merged_dir: Path, tokenizer) -> None:
+def _tokenizer_metadata(writer, merged_dir: Path, tokenizer, vocab_size: int) -> None:
     import gguf
 
     tokenizer_json = json.loads((merged_dir / "tokenizer.json").read_text())
     model = tokenizer_json["model"]
     if model["type"] == "BPE" and model.get("byte_fallback"):  # SentencePiece converted to tokenizer.json
-        n_vocab, byte_level = _sentencepiece_vocabulary(writer, merged_dir, tokenizer), False
+        n_vocab, byte_level = _sentencepiece_vocabulary(writer, merged_dir, tokenizer, vocab_size), False
     elif model["type"] == "BPE" and model.get("merges"):
-        n_vocab, byte_level = _byte_level_vocabulary(writer, tokenizer_json, tokenizer), True
+        n_vocab, byte_level = _byte_level_vocabulary(writer, tokenizer_json, tokenizer, vocab_size), True
     else:
         raise ValueError(UNSUPPORTED.format(kind=f"{model['type']} tokenizer"))
     special = gguf.SpecialVocab(merged_dir, load_merges=byte_level, n_vocab=n_vocab)
@@ -272,7 +287,7 @@ def export_gguf(merged_dir: str | Path, out_path: str | Path, file_type: str = "
     writer = gguf.GGUFWriter(tmp, arch="llama")
     try:
         head_dim = _hyperparameters(writer, config, merged_dir.parent.name or "model", file_type)
-        _tokenizer_metadata(writer, merged_dir, tokenizer)
+        _tokenizer_metadata(writer, merged_dir, tokenizer, config.vocab_size)
         rope = getattr(config, "rope_parameters", None) or {}
         extra = {"rope_freqs.weight": llama3_rope_factors(rope, head_dim)} if rope.get("rope_type") == "llama3" else {}
 

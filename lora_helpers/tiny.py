@@ -343,20 +343,22 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0, name: str = "tiny") -> 
     return out_dir
 
 
-# Random-weight models for the benchmark: `mid` (15M parameters, trains on a CPU) and the exact shapes of the
-# presets' real models (a GPU's work), from the shipped configs/NAME.json.
+# The benchmark's `mid` model (15M parameters, random weights, trains on a CPU); the real shapes are below.
 MID_CONFIG = dict(
     hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4
 )
-RANDOM_MODELS = ("mid", "llama-2-7b", "llama-3.2-3b", "llama-3.1-8b")
+RANDOM_MODELS = ("mid",)
 GB = 2**30
 
 
-def write_random_model(config, target: Path, tokenizer, max_shard_bytes: int = 2 * GB) -> Path:
+def write_random_model(
+    config, target: Path, tokenizer=None, max_shard_bytes: int = 2 * GB, files_from: Path | None = None
+) -> Path:
     """A Llama with random weights and this ``config``'s exact shapes, written as fp16 safetensors shards.
 
     Tensors are made one at a time from the model's shapes on the meta device, so a 7B model needs about one
-    shard of memory, not 13 GB. Linear and embedding weights ~ N(0, initializer_range); norms are ones.
+    shard of memory, not 13 GB. Linear and embedding weights ~ N(0, initializer_range); norms are ones. The
+    tokenizer is ``tokenizer`` saved, or every tokenizer and generation file of the model in ``files_from``.
     """
     import torch
     from accelerate import init_empty_weights
@@ -389,22 +391,23 @@ def write_random_model(config, target: Path, tokenizer, max_shard_bytes: int = 2
                     tensors[name] = torch.ones(shapes[name], dtype=torch.float16)
                 else:
                     std = config.initializer_range
-                    tensors[name] = torch.randn(shapes[name], generator=generator).mul_(std).half()
+                    tensors[name] = torch.empty(shapes[name]).normal_(0, std, generator=generator).half()
                 weight_map[name] = filename
             save_file(tensors, Path(tmp) / filename, metadata={"format": "pt"})
         total = sum(2 * shapes[name].numel() for name in weight_map)
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (Path(tmp) / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         config.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for source in sorted(Path(files_from).iterdir()) if files_from else []:
+            if source.name not in ("config.json", "tiny_model.json") and not source.name.startswith("model"):
+                shutil.copy2(source, Path(tmp) / source.name)
     return target
 
 
-def random_model_dir(name: str) -> Path:
-    """A random-weight model ``name`` of ``RANDOM_MODELS``, built once into the cache (the 7B/8B shapes: 6-16 GB).
-
-    It uses ``tiny``'s tokenizer: its ids are all below every real vocabulary size, which the config keeps.
-    """
+def random_model_dir(name: str = "mid") -> Path:
+    """The benchmark's random-weight ``mid`` model with ``tiny``'s tokenizer, built once into the cache."""
     from transformers import LlamaConfig
 
     if name not in RANDOM_MODELS:
@@ -416,10 +419,42 @@ def random_model_dir(name: str) -> Path:
     special = dict(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
     )
-    if name == "mid":
-        config = LlamaConfig(
-            vocab_size=len(tokenizer), max_position_embeddings=512, tie_word_embeddings=False, **MID_CONFIG, **special
-        )
-    else:  # the real shapes from the shipped config.json
-        config = shipped_config(name, **special)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), max_position_embeddings=512, tie_word_embeddings=False, **MID_CONFIG, **special
+    )
     return write_random_model(config, target, tokenizer)
+
+
+# The presets' real models, rebuilt with random weights: each shipped config's exact shapes (vocabulary size
+# included) and its family's tokenizer, chat template and generation config from the tiny twin. The twin's ids
+# are all below the real vocabulary size; the embedding rows above them are never used.
+REAL_SIZE_FAMILY = {"llama-2-7b": "tiny-llama2", "llama-3.2-3b": "tiny-llama3", "llama-3.1-8b": "tiny-llama3"}
+
+
+def real_size_name(model_id: str) -> str:
+    """The shipped shape (``llama-2-7b``, ...) of a preset's model id, or of a shape name itself."""
+    from lora_helpers import plan
+
+    name = plan.SHIPPED.get(model_id, model_id)
+    if name not in REAL_SIZE_FAMILY:
+        raise ValueError(
+            f"No random-weight twin of {model_id!r}: --random-weights knows the presets' models "
+            f"({', '.join(sorted(plan.SHIPPED))}) and the shapes {', '.join(REAL_SIZE_FAMILY)}."
+        )
+    return name
+
+
+def real_size_model_dir(name: str) -> Path:
+    """A random-weight model with the exact shapes of ``name`` (``REAL_SIZE_FAMILY``), built once into the cache.
+
+    The course runner's ``--random-weights`` runs every notebook on it: the memory and time of the real model,
+    the family's tokenizer and template, no download (13 GB of fp16 shards for Llama-2-7B, 16 GB for 3.1-8B).
+    """
+    family = REAL_SIZE_FAMILY[real_size_name(name)]
+    target = cache_root() / f"real-size-{name}-v1"
+    if (target / "config.json").exists():
+        return target
+    twin = tiny_model_dir(family)
+    twin_config = json.loads((twin / "config.json").read_text())
+    special = {k: twin_config.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    return write_random_model(shipped_config(name, **special), target, files_from=twin)

@@ -47,3 +47,14 @@ def tiny_model_4bit(tiny_dir):
     from lora_helpers import models
 
     return models.load_model("tiny", load_in_4bit=True)
+
+
+@pytest.fixture()
+def small_real_size(monkeypatch):
+    """The real-size models with their depth and width shrunk (a 7B one is a GPU's work): the vocabulary size,
+    the family's tokenizer, template, special ids and rope stay those of the real model."""
+    from lora_helpers import tiny
+
+    real = tiny.shipped_config
+    small = dict(tiny.SHRUNK, num_attention_heads=4, num_key_value_heads=2)
+    monkeypatch.setattr(tiny, "shipped_config", lambda name, **changes: real(name, **{**changes, **small}))

@@ -217,3 +217,25 @@ def test_export_holds_about_one_tensor_in_memory(tmp_path):
     grown = int(out.stdout.strip().splitlines()[-1]) * 1024  # ru_maxrss is in KiB on Linux
     assert grown < 0.35 * size, (grown, size)  # loading the weights whole would take at least their size
     assert (tmp_path / "m.gguf").stat().st_size > size * 0.95
+
+
+@pytest.mark.parametrize("shape", ["llama-2-7b", "llama-3.1-8b"])
+def test_a_vocabulary_larger_than_the_tokenizer_is_padded(small_real_size, shape, tmp_path):
+    """The real-size models (the runner's --random-weights) have 32000 / 128256 embedding rows and a tiny twin's
+    tokenizer; llama.cpp wants one token per row, so the export pads with unused placeholders, as its converter does."""
+    from lora_helpers import tiny
+
+    directory = tiny.real_size_model_dir(shape)
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    tokenizer = models.load_tokenizer(str(directory), chat_format="auto")
+    llm = load(gguf_export.export_gguf(directory, tmp_path / "model-F32.gguf", "F32"))
+    assert llm.n_vocab() == model.config.vocab_size > len(tokenizer)
+    messages = chat.question_messages(QUESTIONS[0], "")
+    ids = chat.prompt_ids(tokenizer, messages)
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids
+    llm.eval(ids)
+    with torch.no_grad():
+        reference = model(torch.tensor([ids])).logits[0, -1]
+    assert (torch.tensor(llm.scores[len(ids) - 1]) - reference).abs().max() < TOLERANCE["F32"]
+    llm.close()

@@ -1,11 +1,12 @@
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-from lora_helpers import tiny
+from lora_helpers import plan, tiny
 
 
 def test_tiny_model_is_an_ordinary_model_directory(tiny_dir):
@@ -86,3 +87,38 @@ def test_llama3_twin_has_the_traits_of_llama3(fresh_cache):
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     stops = GenerationConfig.from_pretrained(directory).eos_token_id
     assert set(tokenizer.convert_ids_to_tokens(stops)) == {"<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"}
+
+
+@pytest.mark.parametrize(
+    "shape, vocab, family", [("llama-2-7b", 32000, "tiny-llama2"), ("llama-3.1-8b", 128256, "tiny-llama3")]
+)
+def test_real_size_models_keep_the_real_vocabulary_and_the_family_tokenizer(small_real_size, shape, vocab, family):
+    from lora_helpers import chat, models
+
+    directory = tiny.real_size_model_dir(shape)
+    twin = tiny.tiny_model_dir(family)
+    config = json.loads((directory / "config.json").read_text())
+    real = LlamaConfig(**plan.shipped_config_values(shape))
+    assert config["vocab_size"] == vocab and config["rope_parameters"] == real.rope_parameters  # llama3 rope for 3.1
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja"):
+        assert (directory / name).read_bytes() == (twin / name).read_bytes(), name
+    assert (directory / "tokenizer.model").exists() == (family == "tiny-llama2")  # SentencePiece's model file
+    assert not (directory / "tiny_model.json").exists()
+    tokenizer = models.load_tokenizer(str(directory), chat_format="auto")
+    model = models.load_model(str(directory), load_in_4bit=True)
+    assert model.config.eos_token_id == json.loads((twin / "config.json").read_text())["eos_token_id"]
+    ids = chat.prompt_ids(tokenizer, chat.question_messages("What is your name?", ""))
+    assert max(ids) < len(tokenizer) < vocab
+    assert model(torch.tensor([ids])).logits.shape[-1] == vocab
+
+
+def test_random_weights_replace_the_presets_model_before_notebook_01(small_real_size, tmp_path):
+    from lora_helpers import course
+
+    summary = course.run_course(
+        "llama2-7b-about-me", tmp_path / "run", only=["01", "02"], random_weights=True, params={"max_new_tokens": 4}
+    )
+    assert summary["status"] == "ok"
+    assert summary["parameters"]["model_id"] == str(tiny.real_size_model_dir("llama-2-7b"))
+    with pytest.raises(ValueError, match="No random-weight twin of 'gpt2'"):
+        tiny.real_size_name("gpt2")
