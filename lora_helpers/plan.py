@@ -5,8 +5,9 @@ The model is built on the meta device (shapes, no memory), so the parameter
 count is exact; the memory is an estimate with a documented breakdown:
 
 - quantized weights: the linear layers in NF4 (4.127 bits per weight with double quantization);
-- unquantized parts: embeddings, output head and norms, never quantized. They load in 16-bit, but for 4-bit
-  training ``prepare_model_for_kbit_training`` (notebook 04) upcasts them to fp32: 4 bytes per parameter;
+- unquantized parts: embeddings, output head and norms, never quantized. They load in 16-bit; for 4-bit
+  training ``prepare_model_for_kbit_training`` (notebook 04) upcasts them to fp32, and the course casts the
+  frozen embedding and head back (``training.embeddings_in_compute_dtype``): the norms keep 4 bytes each;
 - LoRA: weights, gradients and AdamW's two moments, all fp32 (4 + 4 + 8 bytes per parameter);
 - activations: what the backward pass keeps per token, per layer (16-bit); with gradient checkpointing
   only each layer's input is kept, and one layer's activations are rebuilt at a time. Counted as if every
@@ -16,7 +17,9 @@ count is exact; the memory is an estimate with a documented breakdown:
 - logits: batch x length x vocabulary in fp32, and their gradient;
 - overhead: on a GPU, the CUDA context and allocator slack (0.5 GB + 10%); a CPU has neither.
 
-Taught in notebook 02 too (section "What 4-bit saves": ``weight_memory_gb``).
+Taught in notebook 02 too (section "What 4-bit saves": ``weight_memory_gb``). ``notebook_memory`` extends the
+plan to every notebook (loading, merging, saving, exporting, inference) and to host RAM, and ``check_notebook``
+is what each notebook prints before it loads a model.
 """
 
 from __future__ import annotations
@@ -95,6 +98,13 @@ def config_sizes(config) -> dict:
     }
 
 
+def embedding_parameter_count(config) -> int:
+    """The input embedding and the output head (one matrix when they are tied)."""
+    sizes = config_sizes(config)
+    tied = getattr(config, "tie_word_embeddings", False)
+    return sizes["vocab"] * sizes["hidden"] * (1 if tied else 2)
+
+
 def activation_bytes_per_token_per_layer(config, compute_bytes: int = 2) -> int:
     """Tensors the backward pass keeps for one token in one decoder layer (norm outputs, q/k/v,
     attention output, residuals, the MLP's gate, up, activation and down input), in the compute dtype."""
@@ -153,10 +163,11 @@ def plan(settings, compute_bytes: int = 2, gpu: bool = True) -> dict:
     dropout = adapted_inputs * (compute_bytes + 1) * tokens if settings.lora_dropout > 0 else 0
     with_checkpointing = layers * tokens * sizes["hidden"] * compute_bytes + per_layer + dropout / layers
     without_checkpointing = layers * per_layer + dropout
-    unquantized_bytes = 4 if settings.load_in_4bit else compute_bytes  # fp32 after prepare_model_for_kbit_training
+    embeddings = embedding_parameter_count(config)
+    norm_bytes = 4 if settings.load_in_4bit else compute_bytes  # fp32 after prepare_model_for_kbit_training
     parts = {
         "quantized weights": quantizable * (NF4_BITS_PER_WEIGHT / 8 if settings.load_in_4bit else compute_bytes),
-        "unquantized parts": (total - quantizable) * unquantized_bytes,
+        "unquantized parts": embeddings * compute_bytes + (total - quantizable - embeddings) * norm_bytes,
         "LoRA weights+grads+Adam": trainable * 16,
         "activations": with_checkpointing if settings.gradient_checkpointing else without_checkpointing,
         "logits": tokens * sizes["vocab"] * 4 * 2,
@@ -209,8 +220,129 @@ def format_plan(result: dict) -> str:
     lines.append(f"  {'total':<24} {result['peak_gb'] * scale:8.2f} {unit}")
     lines.append("  fits: " + ", ".join(f"{gb} GB {'yes' if ok else 'no'}" for gb, ok in result["fits_gb"].items()))
     lines += [f"  to fit a 15 GB T4: {tip}" for tip in result["advice"]]
+    if "notebooks" in result:
+        lines.append("estimated peak per notebook (GPU memory, private host RAM; a Colab T4: 14.3 GB and 12.7 GB):")
+        lines += [
+            f"  {nb}  GPU {need['gpu_gb']:6.2f} GB  RAM {need['host_gb']:5.2f} GB  {need['holds']}"
+            for nb, need in result["notebooks"].items()
+        ]
     return "\n".join(lines)
 
 
 def plan_for_preset(name: str, **overrides) -> dict:
-    return plan(presets.resolve_settings(name, **overrides))
+    """``python -m lora_helpers plan``: the training plan of a preset on a GPU, and each notebook's peaks."""
+    settings = presets.resolve_settings(name, **overrides)
+    return {**plan(settings), "notebooks": notebook_memory(settings)}
+
+
+# Host memory of a notebook's Python process before any model: torch, CUDA's libraries and the course's imports
+# (2.9 GB measured on a CUDA machine, 0.4 GB on a CPU-only one).
+HOST_BASE_GB = {True: 3.0, False: 0.5}
+SHARD_GB = 2.0  # notebook 05 saves the merged model in 2 GB shards, each passing through host memory once
+T4_GPU_GB = 14.3  # what PyTorch may use on a T4 (device.T4_TOTAL_BYTES less CUDA's context)
+T4_HOST_RAM_GB = 12.7
+
+NOTEBOOK_STEPS = {
+    "01": "no model",
+    "02": "the 4-bit model, generation",
+    "03": "the 4-bit model with adapters",
+    "04": "training (the plan above)",
+    "05": "the 4-bit model, then the base in 16-bit merged and saved, GGUF export",
+    "06": "the 4-bit model with adapters, a second training, the merged 16-bit model",
+}
+
+
+def notebook_memory(settings, compute_bytes: int = 2, gpu: bool = True) -> dict:
+    """Estimated peak GPU memory and peak private host memory (GB) of each notebook, for these settings.
+
+    GPU: notebook 02/03 hold the 4-bit model; 04 trains (``plan``); 05 holds one model at a time, the largest
+    being the merged 16-bit model; 06 the largest of the 4-bit model, a second training and the merged model.
+    Host: the process itself (``HOST_BASE_GB``), plus one 2 GB shard while notebook 05 saves. Weights are read
+    from memory-mapped safetensors files: those pages count in the resident set but are dropped when memory is
+    short, so they are not counted. On a CPU the GPU's share is host memory too.
+    """
+    training = plan(settings, compute_bytes, gpu)
+    config = load_config(settings.model_id)
+    model = meta_model(config)
+    total, quantizable = lora.base_parameter_count(model), quantizable_parameter_count(model)
+    # Holding a model to run it (no training) costs its weights and a little more: CUDA context, generation's
+    # cache and logits (measured on the Llama-2-7B shape: 16-bit 12.55 GB of weights, 12.79 GB reserved).
+    overhead = (lambda gb: 0.3 + 1.02 * gb) if gpu else (lambda gb: gb)
+    rest = (total - quantizable) * compute_bytes / GB
+    four_bit = quantizable * NF4_BITS_PER_WEIGHT / 8 / GB + rest
+    weights_4bit = four_bit if settings.load_in_4bit else total * compute_bytes / GB
+    sixteen_bit = total * (2 if gpu else 4) / GB
+    gpu_gb = {
+        "01": 0.0,
+        "02": overhead(weights_4bit),
+        "03": overhead(weights_4bit),
+        "04": training["peak_gb"],
+        "05": overhead(max(weights_4bit, sixteen_bit)),
+        "06": max(overhead(max(weights_4bit, sixteen_bit)), training["peak_gb"]),
+    }
+    base = HOST_BASE_GB[gpu]
+    host_gb = {nb: base for nb in gpu_gb}
+    host_gb["05"] = base + SHARD_GB
+    if not gpu:  # everything lives in host memory
+        host_gb = {nb: host_gb[nb] + gpu_gb[nb] for nb in gpu_gb}
+        gpu_gb = {nb: 0.0 for nb in gpu_gb}
+    return {
+        nb: {"gpu_gb": round(gpu_gb[nb], 2), "host_gb": round(host_gb[nb], 2), "holds": NOTEBOOK_STEPS[nb]}
+        for nb in gpu_gb
+    }
+
+
+def check_notebook(settings, notebook: str) -> str:
+    """What notebook ``notebook`` will need, against this machine and against a Colab T4; printed before loading.
+
+    It says what to change when the estimate does not fit (it does not stop the notebook: the estimate can be
+    off by a quarter either way; ``README.md``, "What a T4 needs", compares it with measurements).
+    """
+    import psutil
+    import torch
+
+    from lora_helpers import device
+
+    gpu = torch.cuda.is_available()
+    need = notebook_memory(settings, 2 if gpu else 4, gpu)[notebook]
+    ram_gb = psutil.virtual_memory().available / GB
+    lines = [
+        f"notebook {notebook} holds {need['holds']}: about {need['gpu_gb']:.1f} GB of GPU memory and "
+        f"{need['host_gb']:.1f} GB of RAM"
+    ]
+    if gpu:
+        free_gb = device.gpu_memory_free_bytes() / GB
+        lines.append(
+            f"this GPU: {free_gb:.1f} GB free, {ram_gb:.1f} GB of RAM -> " + verdict(need, notebook, free_gb, ram_gb)
+        )
+    else:
+        lines.append(f"this machine (CPU): {ram_gb:.1f} GB of RAM available -> " + verdict(need, notebook, 0.0, ram_gb))
+    t4 = notebook_memory(settings, 2, True)[notebook]
+    lines.append(
+        f"on a Colab T4 ({T4_GPU_GB} GB for PyTorch, {T4_HOST_RAM_GB} GB of RAM): "
+        + verdict(t4, notebook, T4_GPU_GB, T4_HOST_RAM_GB)
+    )
+    return "\n".join(lines)
+
+
+def verdict(need: dict, notebook: str, gpu_gb: float, ram_gb: float) -> str:
+    """Fits or not, and what to change. Notebooks 05 and 06 load 16-bit models with ``device_map="auto"``, which
+    puts what does not fit on the GPU in host RAM (slower, but it runs)."""
+    spill = max(0.0, need["gpu_gb"] - gpu_gb) if gpu_gb else 0.0
+    if spill and notebook not in ("05", "06"):
+        return "probably does NOT fit: " + "; ".join(t4_advice(need, notebook))
+    if need["host_gb"] + spill > ram_gb:
+        return "probably does NOT fit in RAM: " + "; ".join(t4_advice(need, notebook))
+    return f"fits, with {spill:.1f} GB placed in RAM by device_map='auto'" if spill else "fits"
+
+
+def t4_advice(need: dict, notebook: str) -> list[str]:
+    """What to change when notebook ``notebook`` does not fit."""
+    if notebook in ("04", "06"):
+        return [
+            "see the training plan's advice (python -m lora_helpers plan): gradient checkpointing, batch size 1, "
+            "a shorter max_length"
+        ]
+    if notebook == "05":
+        return ["merge on a machine with more RAM or GPU memory, or ship the adapter instead of a merged model"]
+    return ["a smaller model: the 4-bit weights alone do not fit"]

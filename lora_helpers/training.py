@@ -81,6 +81,7 @@ def sft_config(settings, output_dir, evaluation: bool, report_to: str = "none", 
         max_length=settings.max_length,
         completion_only_loss=settings.completion_only_loss,
         logging_steps=settings.logging_steps,
+        logging_first_step=True,  # a run shorter than logging_steps still logs a loss
         logging_nan_inf_filter=False,
         eval_strategy="epoch" if evaluation else "no",
         save_strategy="epoch",
@@ -212,6 +213,50 @@ def prepare_checkpoints(checkpoint_dir, resume: bool, overwrite: bool):
     return None
 
 
+def embeddings_in_compute_dtype(model) -> int:
+    """Undo ``prepare_model_for_kbit_training``'s fp32 upcast for the frozen embedding and output head.
+
+    peft casts every weight that is not quantized to fp32, for the norms' sake. The embedding and the output head
+    are frozen and are only ever used in the compute dtype (autocast makes an fp16 copy of the head at every
+    step): with Llama-3.1-8B's 128k-token vocabulary they take 4.2 GB in fp32, 2.1 GB in fp16 (measured on a GPU:
+    the weights as training holds them, 7.3 -> 5.3 GB).
+    Returns the number of parameters cast back. Notebook 04 calls it after ``prepare_model_for_kbit_training``.
+    """
+    dtype = device.compute_dtype()
+    cast = 0
+    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+        weight = getattr(module, "weight", None)
+        if weight is not None and weight.dtype != dtype and not weight.requires_grad:
+            module.to(dtype)
+            cast += weight.numel()
+    head = model.get_output_embeddings()
+    if cast and head is not None:  # the fp32 final norm feeds it: match its dtype outside autocast too
+        head.register_forward_pre_hook(lambda module, args: (args[0].to(module.weight.dtype), *args[1:]))
+    return cast
+
+
+def unsloth_route(requested: bool) -> tuple[bool, str]:
+    """Whether notebook 04 takes the Unsloth route, and why (or why not), in words for the learner.
+
+    Unsloth (two of the source documents' fast route) needs a CUDA GPU and the ``unsloth`` package, an optional
+    install (README, "Unsloth"). Anywhere else the standard route runs with the same settings.
+    """
+    import importlib.util
+
+    import torch
+
+    if not requested:
+        return False, "route: transformers + peft (use_unsloth=True for Unsloth's kernels on a CUDA GPU)"
+    if not torch.cuda.is_available():
+        return False, "use_unsloth=True, but Unsloth needs a CUDA GPU and there is none here: the standard route runs"
+    if importlib.util.find_spec("unsloth") is None:
+        return False, (
+            "use_unsloth=True, but Unsloth is not installed (README, 'Unsloth': pip install unsloth, in its own "
+            "environment): the standard route runs"
+        )
+    return True, "route: Unsloth (FastLanguageModel), with the same LoRA and training settings"
+
+
 def lora_model(settings, adapter_name: str = "default", attn_implementation: str | None = "auto", tokenizer=None):
     """Notebook 04's model: the base (in NF4 when ``load_in_4bit``), prepared for k-bit training, with adapters.
 
@@ -232,6 +277,7 @@ def lora_model(settings, adapter_name: str = "default", attn_implementation: str
         models.match_vocabulary(model, tokenizer)
     if settings.load_in_4bit:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=settings.gradient_checkpointing)
+        embeddings_in_compute_dtype(model)
     config = LoraConfig(
         r=settings.lora_r,
         lora_alpha=settings.lora_alpha,

@@ -20,6 +20,11 @@ pytestmark = pytest.mark.course
 FAKE_TOKEN = "hf_FakeTokenForLeakTest0123456789abcdef"
 
 
+# Options that change nothing on a CPU but must reach the notebooks, spread over the families' runs: the Unsloth
+# route must fall back to the standard one, and the T4 rehearsal must reach every notebook.
+OPTIONS = {"tiny": {}, "tiny-llama2": {"params": {"use_unsloth": True}}, "tiny-llama3": {"rehearse_t4": True}}
+
+
 @pytest.fixture(scope="module", params=["tiny", "tiny-llama2", "tiny-llama3"])
 def run(request, tmp_path_factory):
     """One full course run per family, with a (fake) Hub token in the environment as a learner on Colab would have."""
@@ -27,7 +32,7 @@ def run(request, tmp_path_factory):
     saved = os.environ.get("HF_TOKEN")
     os.environ["HF_TOKEN"] = FAKE_TOKEN
     try:
-        summary = course.run_course(request.param, run_dir)
+        summary = course.run_course(request.param, run_dir, **OPTIONS[request.param])
     finally:
         if saved is None:
             os.environ.pop("HF_TOKEN")
@@ -237,3 +242,41 @@ def test_executed_notebooks_show_no_walls_of_warnings(run):
     assert lines == []
     quantizer_log = run_dir / "gguf" / "model-Q4_K_M.log"
     assert quantizer_log.stat().st_size > 1000  # llama.cpp's per-tensor log went to its file
+
+
+def outputs(run_dir, name: str) -> str:
+    """Everything an executed notebook printed."""
+    executed = nbformat.read(next((run_dir / "notebooks").glob(f"{name}_*.ipynb")), as_version=4)
+    return "".join(
+        o.get("text", "") + "".join(str(v) for v in o.get("data", {}).values())
+        for cell in executed.cells
+        if cell.cell_type == "code"
+        for o in cell.outputs
+    )
+
+
+def test_summary_records_each_notebooks_peak_memory(run):
+    _, summary = run
+    for nb in summary["notebooks"]:
+        assert 0.1 < nb["host_peak_rss_gb"] < 8, nb  # python, torch and a tiny model
+        assert 0.1 < nb["host_peak_private_gb"] <= nb["host_peak_rss_gb"], nb
+        assert "gpu_max_reserved_gb" not in nb  # no GPU here
+
+
+def test_each_notebook_checks_memory_before_loading(run):
+    run_dir, _ = run
+    for name in ("02", "03", "04", "05", "06"):
+        text = outputs(run_dir, name)
+        assert f"notebook {name} holds" in text and "on a Colab T4 (14.3 GB for PyTorch, 12.7 GB of RAM): fits" in text
+
+
+def test_options_reach_the_notebooks(run):
+    run_dir, summary = run
+    family = summary["preset"]
+    if family == "tiny-llama2":  # use_unsloth on a machine without CUDA: said, and the standard route trained
+        assert "Unsloth needs a CUDA GPU and there is none here: the standard route runs" in outputs(run_dir, "04")
+        assert summary["final_train_loss"] < 1.0
+    if family == "tiny-llama3":
+        assert summary["rehearse_t4"] is True
+        for name in ("01", "02", "03", "04", "05", "06"):
+            assert "T4 rehearsal: no CUDA GPU here" in outputs(run_dir, name), name

@@ -276,3 +276,33 @@ def test_lora_gradients_are_right_after_an_evaluation_on_a_cpu(tiny_dir):
     fresh, after_eval = lora_gradients(False), lora_gradients(True)
     assert fresh.norm() > 0
     assert ((after_eval - fresh).norm() / fresh.norm()).item() < 1e-3
+
+
+def test_a_run_shorter_than_logging_steps_still_logs_a_loss(tmp_path, tiny_dir):
+    """Notebook 04 reads the first and last logged losses: 2 optimizer steps with logging_steps=10 must log one."""
+    settings = presets.resolve_settings(
+        "tiny", **{**CAPTAIN, "num_train_epochs": 1, "logging_steps": 10}, max_examples=16
+    )
+    trainer = training.train_adapter(settings, str(tmp_path / "adapter"))
+    assert trainer.state.global_step < 10
+    assert [e["loss"] for e in trainer.state.log_history if "loss" in e]
+
+
+@pytest.mark.parametrize(
+    "requested, cuda, installed, expected",
+    [(False, True, True, False), (True, False, True, False), (True, True, False, False), (True, True, True, True)],
+)
+def test_unsloth_route_is_taken_only_where_it_can_run(monkeypatch, requested, cuda, installed, expected):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda n, *a: (object() if installed else None) if n == "unsloth" else real_find_spec(n),
+    )
+    taken, why = training.unsloth_route(requested)
+    assert taken is expected
+    if requested and not expected:
+        assert "the standard route runs" in why and ("CUDA GPU" in why if not cuda else "not installed" in why)
