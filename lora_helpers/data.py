@@ -24,6 +24,8 @@ SHAPES = {
 }
 LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+ROLES = ("system", "user", "assistant")
+ORDER = "an optional system turn first, then user and assistant turns in turn, starting with user, ending with assistant"
 
 
 def packaged_data_path(name: str) -> Path:
@@ -61,6 +63,8 @@ def load_examples(source: str, split: str = "train"):
             )
         if path.suffix not in LOCAL_SUFFIXES:
             raise ValueError(f"Unsupported dataset file type {path.suffix!r}; use one of {sorted(LOCAL_SUFFIXES)}.")
+        if path.suffix != ".parquet":
+            check_text_file(path)
         try:
             dataset = datasets.load_dataset(LOCAL_SUFFIXES[path.suffix], data_files=str(path), split="train")
         except ValueError as error:  # datasets' words for a file without rows: 'corresponds to no data'
@@ -72,6 +76,111 @@ def load_examples(source: str, split: str = "train"):
     if len(dataset) == 0:
         raise ValueError(f"The dataset {source!r} is empty: it needs at least one example to train on.")
     return dataset
+
+
+def check_text_file(path: Path) -> None:
+    """Fail, naming the line, on what ``datasets`` would report without one: a file that is not UTF-8, an empty
+    file, a line of a ``.jsonl`` file that is not one JSON object."""
+    raw = path.read_bytes()
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise ValueError(f"{path} is UTF-16 text (it starts with a UTF-16 byte-order mark). Save it as UTF-8.")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        raise ValueError(
+            f"{path}, line {line}: not UTF-8 text ({error.reason} at byte {error.start}). Save the file as UTF-8."
+        ) from None
+    if not text.strip():
+        raise ValueError(f"The dataset {path} is empty: it needs at least one example to train on.")
+    if path.suffix != ".jsonl":
+        return
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(
+                f"{path}, line {number}: not valid JSON ({error.msg}, column {error.colno}). Each line of a .jsonl "
+                'file is one JSON object, e.g. {"messages": [{"role": "user", "content": "..."}, ...]}.'
+            ) from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}, line {number}: a JSON {type(row).__name__}, not an object with named columns.")
+
+
+def row_location(source: str, index: int) -> str:
+    """Where example ``index`` (0-based) of ``source`` is, in words a person can find it by: the line of a .jsonl
+    or .csv file, or the row number elsewhere."""
+    path = Path(resolve_dataset_source(source)).expanduser()
+    if path.suffix == ".jsonl" and path.exists():
+        lines = [n for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
+        if index < len(lines):
+            return f"{path}, line {lines[index]}"
+    if path.suffix == ".csv" and path.exists():
+        return f"{path}, row {index + 1} (line {index + 2}, after the header)"
+    return f"{source}, example {index + 1}"
+
+
+def example_problem(example: dict, shape: str) -> str | None:
+    """What is wrong with one example of a dataset of shape ``shape`` (None when nothing is)."""
+    present = {key for key, value in example.items() if value is not None}
+    try:
+        own = detect_shape(present)
+    except ValueError:
+        own = None
+    required = {
+        "messages": ("messages",),
+        "conversations": ("conversations",),
+        "prompt_completion": ("prompt", "completion"),
+        "alpaca": ("instruction", "output"),
+        "text": ("text",),
+    }[shape]
+    missing = [column for column in required if column not in present]
+    if own is None and missing:
+        return f"`{missing[0]}` is empty or missing: every example needs it"
+    if own != shape:
+        return f"this example has the shape {own!r}, the file's first has the shape {shape!r}: one shape per file"
+    if shape in ("messages", "conversations"):
+        turns = example[shape]
+        role_key, text_key = ("role", "content") if shape == "messages" else ("from", "value")
+        accepted = ROLES if shape == "messages" else tuple(SHAREGPT_ROLES)
+        if not isinstance(turns, list) or not turns:
+            return f"`{shape}` must be a non-empty list of turns"
+        roles = []
+        for number, turn in enumerate(turns, 1):
+            if not isinstance(turn, dict) or role_key not in turn or text_key not in turn:
+                return f"turn {number} must be an object with `{role_key}` and `{text_key}`"
+            if turn[role_key] not in accepted:
+                return f"turn {number} has the role {turn[role_key]!r}; the accepted roles are {', '.join(accepted)}"
+            roles.append(turn[role_key] if shape == "messages" else SHAREGPT_ROLES[turn[role_key]])
+            if not isinstance(turn[text_key], str) or not turn[text_key].strip():
+                return f"turn {number} ({roles[-1]}) is empty: every turn needs text, and the answers are what is learned"
+        body = roles[1:] if roles[0] == "system" else roles
+        expected = ["user", "assistant"] * (len(body) // 2 + 1)
+        if not body or body != expected[: len(body)] or body[-1] != "assistant":
+            return f"the turns are {' -> '.join(roles)}; the accepted order is {ORDER}"
+        return None
+    for column in required:
+        if not isinstance(example[column], str) or not example[column].strip():
+            return f"`{column}` is empty or missing: every example needs it (the answer is what is learned)"
+    if shape == "text" and parse_llama2_text(example["text"]) is None:
+        return (
+            "the text is not in Llama-2's '<s>[INST] question [/INST] answer </s>' format, so it cannot be split "
+            "into a question and an answer"
+        )
+    return None
+
+
+def check_examples(dataset, source: str) -> str:
+    """Check every example before any model is loaded; return the dataset's shape. The error names the file, the
+    line (or row), what is wrong and the accepted form. Notebook 04 calls it right after loading."""
+    shape = detect_shape(dataset.column_names)
+    for index, example in enumerate(dataset):
+        problem = example_problem(example, shape)
+        if problem:
+            raise ValueError(f"{row_location(source, index)}: {problem}.\nAccepted for this shape: {SHAPES[shape]}.")
+    return shape
 
 
 def detect_shape(columns) -> str:

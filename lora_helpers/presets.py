@@ -292,6 +292,9 @@ def check_settings(s: Settings) -> None:
     ):
         if getattr(s, name) <= 0:
             problems.append(f"{name}={getattr(s, name)}: must be positive.")
+    for name in ("max_examples", "early_stopping_patience", "logging_steps"):
+        if getattr(s, name) < 0:
+            problems.append(f"{name}={getattr(s, name)}: must be 0 or more (max_examples=0 uses every example).")
     if not s.target_modules.strip():
         problems.append("target_modules is empty: name layers (e.g. 'q_proj,v_proj') or use 'all-linear'.")
     if problems:

@@ -102,9 +102,9 @@ def prepare_datasets(settings, tokenizer):
     ``tokenizer`` must already carry the run's chat template (``models.load_tokenizer(..., chat_format=...)``).
     """
     raw = data.load_examples(settings.dataset)
+    shape = data.check_examples(raw, settings.dataset)  # every example, before any model is loaded
     if settings.max_examples:
         raw = raw.shuffle(seed=settings.seed).select(range(min(settings.max_examples, len(raw))))
-    shape = data.detect_shape(raw.column_names)
     formatted = raw.map(
         lambda ex: data.to_prompt_completion(ex, shape, settings.system_prompt), remove_columns=raw.column_names
     )

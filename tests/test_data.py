@@ -140,3 +140,66 @@ def test_length_report_counts_truncated_and_dropped(model_id, fresh_cache):
     report = data.length_report(examples, tokenizer, max_length=120)
     assert (report["examples"], report["truncated"], report["dropped"]) == (3, 1, 1)
     assert report["longest"] == max(report["lengths"]) > 120
+
+
+TURNS = '[{"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "Ada."}]'
+GOOD = '{"messages": ' + TURNS + "}\n"
+
+
+@pytest.mark.parametrize(
+    "name, content, expected",
+    [
+        ("empty.jsonl", "\n\n", r"is empty: it needs at least one example"),
+        ("malformed.jsonl", GOOD + "\n" + '{"messages": [}\n', r"malformed\.jsonl, line 3: not valid JSON"),
+        ("list.jsonl", GOOD + "[1, 2]\n", r"line 2: a JSON list, not an object"),
+        ("latin1.jsonl", GOOD.replace("Ada", "Ad\xe9").encode("latin-1"), r"line 1: not UTF-8 text"),
+        ("utf16.jsonl", GOOD.encode("utf-16"), r"is UTF-16 text .* Save it as UTF-8"),
+        ("blank.csv", "prompt,completion\nWho?,Ada.\nWhere?,\n", r"blank\.csv, row 2 \(line 3.*`completion` is empty"),
+        (
+            "mixed.jsonl",
+            GOOD + '{"prompt": "Who?", "completion": "Ada."}\n',
+            r"line 2: this example has the shape 'prompt_completion', the file's first has the shape 'messages'",
+        ),
+        (
+            "roles.jsonl",
+            GOOD + GOOD.replace('"user"', '"human"').replace('"assistant"', '"bot"'),
+            r"line 2: turn 1 has the role 'human'; the accepted roles are system, user, assistant",
+        ),
+        ("answer.jsonl", GOOD.replace("Ada.", "  "), r"line 1: turn 2 \(assistant\) is empty"),
+        (
+            "order.jsonl",
+            '{"messages": [{"role": "assistant", "content": "Hi."}, ' + TURNS[1:] + "}\n",
+            r"line 1: the turns are assistant -> user -> assistant; the accepted order is an optional system turn",
+        ),
+        (
+            "unfinished.jsonl",
+            '{"messages": ' + TURNS.replace(', {"role": "assistant", "content": "Ada."}', "") + "}\n",
+            r"the turns are user; the accepted order",
+        ),
+        (
+            "text.jsonl",
+            '{"text": "<s>[INST] Who? [/INST] Ada. </s>"}\n{"text": "just prose"}\n',
+            r"line 2: the text is not in Llama-2's",
+        ),
+    ],
+)
+def test_a_bad_dataset_names_its_line_and_what_is_accepted(tmp_path, name, content, expected):
+    path = tmp_path / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
+    with pytest.raises(ValueError, match=expected):
+        data.check_examples(data.load_examples(str(path)), str(path))
+
+
+def test_a_good_dataset_passes_and_keeps_its_shape(tmp_path):
+    path = tmp_path / "good.jsonl"
+    path.write_text(GOOD + "\n" + GOOD.replace("Ada.", "Ada Quill."))
+    assert data.check_examples(data.load_examples(str(path)), str(path)) == "messages"
+    for name in ("about_me.jsonl", "persona_captain.jsonl", "guanaco_llama2_sample.jsonl"):
+        assert data.check_examples(data.load_examples(f"package:{name}"), f"package:{name}")
+
+
+def test_negative_max_examples_is_refused_before_loading():
+    from lora_helpers import presets
+
+    with pytest.raises(ValueError, match=r"max_examples=-1: must be 0 or more"):
+        presets.resolve_settings("tiny", max_examples=-1)
