@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from pathlib import Path
 
 from lora_helpers import chat, tiny
 
@@ -27,20 +28,62 @@ def hub_token() -> str | None:
     return hub.find_token()
 
 
+def _causes(error: BaseException):
+    """The error and the errors it was raised from (transformers wraps the Hub's errors in an OSError)."""
+    seen = []
+    while error is not None and error not in seen:
+        seen.append(error)
+        error = error.__cause__ or error.__context__
+    return seen
+
+
 def explain_load_error(model_id: str, error: Exception) -> Exception:
-    """Turn the hub's errors into ones that say what to do."""
-    text = f"{type(error).__name__}: {error}"
-    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-    if "gated" in text.lower() or "401" in text or "403" in text:
+    """The cause of a failed load, recognised by type, in words that say what to do; ``error`` itself otherwise.
+
+    A local folder: missing, without ``config.json``, or with a ``config.json`` that is not JSON. A Hub id: gated,
+    not found (or private), not reachable and not in the cache. Anything else keeps its own message: the caller
+    re-raises it unchanged. Every message names the path or id that was tried.
+    """
+    import json
+
+    from huggingface_hub import errors as hub
+
+    path = Path(str(resolve_model_path(model_id))).expanduser()
+    local = path.exists() or str(model_id).startswith(("/", ".", "~"))
+    causes = _causes(error)
+    if local:
+        if not path.exists():
+            return FileNotFoundError(f"No model folder at {path} (model_id={model_id!r}). Check the path.")
+        if path.is_dir() and not (path / "config.json").exists():
+            return FileNotFoundError(
+                f"{path} has no config.json, so it is not a model folder (model_id={model_id!r}). Point model_id at "
+                "the folder save_pretrained wrote (a run's merged/ folder has one), or at a Hub id."
+            )
+        if any(isinstance(e, json.JSONDecodeError) for e in causes):
+            bad = next(e for e in causes if isinstance(e, json.JSONDecodeError))
+            return ValueError(
+                f"{path / 'config.json'} is not valid JSON ({bad.msg}, line {bad.lineno}): the file is damaged. "
+                "Save the model again, or restore the file."
+            )
+        return error
+    if any(isinstance(e, hub.GatedRepoError) for e in causes):
         return PermissionError(
             f"{model_id} is a gated model. Accept its licence on its Hugging Face page, create a read token "
             "at huggingface.co/settings/tokens, and put it in the HF_TOKEN environment variable (on Colab: "
             "the key icon, a secret named HF_TOKEN). Never pass the token as a notebook parameter."
         )
-    if offline or "offline" in text.lower() or "connect" in text.lower() or "resolve" in text.lower():
+    if any(isinstance(e, hub.RepositoryNotFoundError) for e in causes):
         return OSError(
-            f"Cannot load {model_id!r}: the Hugging Face Hub is not reachable (HF_HUB_OFFLINE={offline}). "
-            "Point model_id at a local model directory, or use preset='tiny', which needs no network."
+            f"No model {model_id!r} on the Hugging Face Hub, or it is private and the token (HF_TOKEN) has no "
+            "access to it. Check the spelling of model_id."
+        )
+    if any(isinstance(e, (hub.LocalEntryNotFoundError, hub.OfflineModeIsEnabled)) for e in causes):
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        return OSError(
+            f"Cannot load {model_id!r}: it is not in the local Hugging Face cache and the Hub "
+            + ("is switched off (HF_HUB_OFFLINE=1)" if offline else "could not be reached")
+            + ". Connect to the internet once to download it, point model_id at a local model folder, or use "
+            "preset='tiny', which needs no network."
         )
     return error
 
@@ -67,7 +110,10 @@ def load_tokenizer(model_id: str, trust_remote_code: bool = False, chat_format: 
             path, token=hub_token(), trust_remote_code=warn_remote_code(model_id, trust_remote_code)
         )
     except Exception as error:
-        raise explain_load_error(model_id, error) from error
+        explained = explain_load_error(model_id, error)
+        if explained is error:
+            raise
+        raise explained from error
     chat.choose_pad_token(tokenizer)
     if chat_format is not None:
         chat.use_chat_format(tokenizer, chat_format)
@@ -159,7 +205,10 @@ def load_model(
     try:
         model = AutoModelForCausalLM.from_pretrained(resolve_model_path(model_id), **kwargs)
     except Exception as error:
-        raise explain_load_error(model_id, error) from error
+        explained = explain_load_error(model_id, error)
+        if explained is error:
+            raise
+        raise explained from error
     if load_in_4bit and not torch.cuda.is_available():
         keep_4bit_weights_as_loaded(model)
     return model

@@ -21,10 +21,64 @@ def test_tokenizer_gets_a_pad_token_that_is_not_eos(tiny_tokenizer):
 
 
 def test_unreachable_hub_id_says_how_to_work_offline():
-    with pytest.raises(OSError, match="local model directory"):
+    with pytest.raises(OSError, match=r"'NousResearch/Llama-2-7b-chat-hf'.*HF_HUB_OFFLINE=1.*local model folder"):
         models.load_tokenizer("NousResearch/Llama-2-7b-chat-hf")
 
 
+def hub_error(kind, status: int):
+    """One of huggingface_hub's HTTP errors, with the response it needs."""
+    from huggingface_hub import errors
+
+    client = __import__(errors.Response.__module__.split(".")[0])  # the HTTP client huggingface_hub uses
+    request = client.Request("GET", "https://huggingface.co/api/models/someone/model")
+    return kind(f"{status} Client Error", response=client.Response(status, request=request))
+
+
+def wrapped(hub_error):
+    """A Hub error as transformers raises it: an OSError raised from it."""
+    try:
+        try:
+            raise hub_error
+        except Exception as cause:
+            raise OSError("transformers' own words") from cause
+    except OSError as error:
+        return error
+
+
 def test_gated_model_error_says_where_the_token_goes():
-    error = models.explain_load_error("meta-llama/Llama-3.1-8B", OSError("401 Client Error: gated repo"))
+    from huggingface_hub.errors import GatedRepoError
+
+    error = models.explain_load_error("meta-llama/Llama-3.1-8B", wrapped(hub_error(GatedRepoError, 401)))
     assert isinstance(error, PermissionError) and "HF_TOKEN" in str(error)
+    assert models.explain_load_error("meta-llama/Llama-3.1-8B", OSError("a 401 in the text")) is not error
+
+
+def test_a_missing_repository_is_named():
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    error = models.explain_load_error("someone/typo", wrapped(hub_error(RepositoryNotFoundError, 404)))
+    assert "No model 'someone/typo' on the Hugging Face Hub" in str(error)
+
+
+@pytest.mark.parametrize(
+    "make, expected",
+    [
+        (lambda d: d / "nowhere", r"No model folder at .*nowhere"),
+        (lambda d: d, r"has no config.json, so it is not a model folder"),
+        (lambda d: (d / "config.json").write_text("{not json") and d, r"config.json is not valid JSON .*line 1"),
+    ],
+)
+def test_local_folder_problems_are_named_by_their_cause(tmp_path, make, expected):
+    with pytest.raises((OSError, ValueError), match=expected):
+        models.load_model(str(make(tmp_path)), load_in_4bit=False)
+
+
+def test_other_errors_keep_their_own_type_and_message(monkeypatch, tiny_dir):
+    import transformers
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("something the course does not know about")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", broken)
+    with pytest.raises(RuntimeError, match="something the course does not know about"):
+        models.load_model("tiny", load_in_4bit=False)
