@@ -85,7 +85,13 @@ def main(argv: list[str] | None = None) -> int:
                 rehearse_t4=args.rehearse_t4,
                 random_weights=args.random_weights,
             )
-        except (runner.NotebookFailed, ValueError, OSError) as error:
+        except runner.CourseInterrupted as error:
+            print(f"\ninterrupted: {error}", file=sys.stderr)
+            return 130
+        except KeyboardInterrupt:  # between notebooks, or while the random-weight model is built
+            print("\ninterrupted.", file=sys.stderr)
+            return 130
+        except (runner.NotebookFailed, ValueError, TypeError, OSError, RuntimeError) as error:
             print(f"\nerror: {error}", file=sys.stderr)
             return 1
         runner.print_summary(summary)

@@ -9,6 +9,7 @@ first failing notebook naming the cell and the error, and writes
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -73,6 +74,15 @@ def kernel_manager_class():
     from traitlets import default
 
     class IPCKernelManager(AsyncKernelManager):
+        async def start_kernel(self, **kw):
+            """The kernel's own stdout and stderr (not the notebook's output, which comes by message) go to a log
+            beside the executed notebook instead of the terminal: the runner reports errors itself."""
+            log = os.environ.get(KERNEL_LOG_ENV)
+            if log:
+                kw.setdefault("stdout", open(log, "ab"))  # noqa: SIM115 (the kernel process keeps it open)
+                kw.setdefault("stderr", subprocess.STDOUT)
+            return await super().start_kernel(**kw)
+
         @default("transport")
         def _default_transport(self):
             return "ipc"
@@ -136,6 +146,22 @@ class NotebookFailed(RuntimeError):
     """A notebook raised: which one, in which cell, with which error."""
 
 
+class CourseInterrupted(NotebookFailed):
+    """Ctrl-C during a notebook: the summary says where, and how to continue."""
+
+
+def next_command(preset: str, run_dir: Path, notebook: Path, params: dict, overwrite: bool) -> str:
+    """The command that continues a course stopped in ``notebook``: training resumes from its last checkpoint."""
+    number = notebook.name[:2]
+    rest = [nb.name[:2] for nb in course_notebooks() if nb.name[:2] >= number]
+    given = dict(params)
+    if number == "04" and any((run_dir / "checkpoints").glob("checkpoint-*")):
+        given["resume"] = True
+    flags = " --overwrite" if overwrite else ""
+    values = "".join(f" -p {name}={value}" for name, value in given.items())
+    return f"lora-course course --preset {preset} --run-dir {run_dir} --only {' '.join(rest)}{flags}{values}"
+
+
 def course_notebooks(only: list[str] | None = None) -> list[Path]:
     """The numbered notebooks in order; ``only=["04", "05"]`` keeps those whose name starts so."""
     if not NOTEBOOKS_DIR.is_dir():
@@ -181,6 +207,21 @@ def notebook_parameters(path: Path) -> set[str]:
     return set(papermill.inspect_notebook(str(path)))
 
 
+# Notebook parameters that are not settings, and the values they accept.
+CHOICES = {"trainer_route": ("sft", "trainer"), "merge_mode": ("unquantized", "dequantized")}
+
+
+def check_values(preset: str, params: dict) -> None:
+    """Refuse a ``-p`` value no notebook could use, before any notebook runs (settings through the preset's own
+    checks, ``presets.check_settings``)."""
+    from lora_helpers import presets
+
+    presets.resolve_settings(preset, **{k: v for k, v in params.items() if k in presets.SETTING_NAMES})
+    for name, accepted in CHOICES.items():
+        if name in params and params[name] not in accepted:
+            raise ValueError(f"-p {name}={params[name]}: use one of {', '.join(accepted)}.")
+
+
 def run_course(
     preset: str = "tiny",
     run_dir: str | Path | None = None,
@@ -198,8 +239,6 @@ def run_course(
     (``tiny.real_size_model_dir``), so a 7B run needs no download. Each notebook's peak GPU memory and host RSS
     go into ``summary.json``.
     """
-    import papermill
-    from papermill.exceptions import PapermillExecutionError
 
     from lora_helpers import presets
 
@@ -215,8 +254,12 @@ def run_course(
     if unknown:
         known = sorted(set().union(*declared.values()))
         raise ValueError(f"No notebook declares the parameter(s) {sorted(unknown)}. Declared: {', '.join(known)}.")
-    if any(nb.name.startswith("04") for nb in notebooks):
+    check_values(preset, params)  # every value, before notebook 01 starts (not in notebook 04, after two loads)
+    names = [nb.name[:2] for nb in notebooks]
+    if "04" in names:
         files.refuse_to_overwrite(run_dir, overwrite)  # before notebook 01 starts, not after it
+    elif "05" in names:
+        files.refuse_to_overwrite(run_dir, overwrite, names=["merged"])  # a refused run changes nothing
     if random_weights:
         from lora_helpers import tiny
 
@@ -227,6 +270,18 @@ def run_course(
     if preset == "tiny":
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tiny preset never needs the network
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    lock = files.lock_run_dir(run_dir, f"lora-course course --preset {preset}")  # refuses while another writes
+    os.environ[files.LOCK_OWNER_ENV] = str(os.getpid())  # the notebooks' kernels work under this lock
+    try:
+        return _run_notebooks(preset, run_dir, notebooks, declared, params, overwrite, rehearse_t4, echo)
+    finally:
+        lock.release()
+
+
+def _run_notebooks(preset, run_dir, notebooks, declared, params, overwrite, rehearse_t4, echo) -> dict:
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
 
     out_dir = run_dir / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -248,6 +303,9 @@ def run_course(
         peaks_file = out_dir / f".peaks-{notebook.stem}.json"
         peaks_file.unlink(missing_ok=True)
         os.environ[PEAKS_ENV] = str(peaks_file)  # the kernel inherits it and writes its peaks at exit
+        kernel_log = out_dir / f"{notebook.stem}.kernel.log"
+        kernel_log.unlink(missing_ok=True)
+        os.environ[KERNEL_LOG_ENV] = str(kernel_log)
         try:
             papermill.execute_notebook(
                 str(notebook),
@@ -260,24 +318,43 @@ def run_course(
                 log_output=False,
                 kernel_manager_class=kernel_manager_class(),
             )
-        except Exception as error:  # a cell that raised, or one that hung past its timeout
+        except (Exception, KeyboardInterrupt) as error:  # a cell that raised or hung, a dead kernel, Ctrl-C
             cell, kind, message = (
                 (error.exec_count, error.ename, error.evalue)
                 if isinstance(error, PapermillExecutionError)
                 else ("?", type(error).__name__, str(error).strip().splitlines()[0] if str(error).strip() else "")
             )
+            interrupted = kind == "KeyboardInterrupt"
             seconds = round(time.time() - start, 1)
-            peaks = read_peaks(peaks_file)
-            summary["notebooks"].append({"name": notebook.name, "seconds": seconds, "status": "failed", **peaks})
-            summary["status"] = "failed"
+            status = "interrupted" if interrupted else "failed"
+            summary["notebooks"].append(
+                {"name": notebook.name, "seconds": seconds, "status": status, **read_peaks(peaks_file)}
+            )
+            summary["status"] = status
             summary["error"] = {"notebook": notebook.name, "cell": cell, "type": kind, "message": message}
-            write_summary(run_dir, summary, time.time() - total_start)
-            echo(f"FAILED after {seconds} s")
-            raise NotebookFailed(
-                f"{notebook.name} failed in cell [{cell}]: {kind}: {message}\n"
-                f"The executed notebook, with the traceback, is {out_dir / notebook.name}."
+            hint = ""
+            if kernel_log.exists() and kernel_log.stat().st_size:
+                hint += f"What the kernel process itself printed is in {kernel_log}.\n"
+            if kind == "DeadKernelError":
+                hint = (
+                    "The notebook's Python process died, most often for lack of host memory (the system killed it): "
+                    "see each notebook's peak in summary.json and `python -m lora_helpers plan`.\n"
+                )
+            summary["next"] = next_command(preset, run_dir, notebook, params, overwrite)
+            try:
+                write_summary(run_dir, summary, time.time() - total_start)
+                written = f"summary.json says so, with the command to continue: {summary['next']}"
+            except Exception as summary_error:  # the notebook's own error stays the one reported
+                written = f"(summary.json could not be written: {type(summary_error).__name__}: {summary_error})"
+            echo(f"{status.upper()} after {seconds} s")
+            where = f"{notebook.name} was interrupted" if interrupted else f"{notebook.name} failed"
+            raise (CourseInterrupted if interrupted else NotebookFailed)(
+                f"{where} in cell [{cell}]: {kind}: {message}\n{hint}"
+                f"The executed notebook, with the traceback, is {out_dir / notebook.name}.\n{written}"
             ) from None
         seconds = round(time.time() - start, 1)
+        if kernel_log.exists() and not kernel_log.stat().st_size:
+            kernel_log.unlink()
         peaks = read_peaks(peaks_file)
         summary["notebooks"].append({"name": notebook.name, "seconds": seconds, "status": "ok", **peaks})
         echo(f"ok ({seconds} s{format_peaks(peaks)})")
@@ -286,6 +363,7 @@ def run_course(
 
 
 PEAKS_ENV = "LORA_COURSE_PEAKS_FILE"  # device.PEAKS_ENV, without importing torch into the runner
+KERNEL_LOG_ENV = "LORA_COURSE_KERNEL_LOG"
 
 
 def read_peaks(path: Path) -> dict:

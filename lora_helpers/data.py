@@ -25,7 +25,15 @@ SHAPES = {
 LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 ROLES = ("system", "user", "assistant")
-ORDER = "an optional system turn first, then user and assistant turns in turn, starting with user, ending with assistant"
+ORDER = (
+    "an optional system turn first, then user and assistant turns in turn, starting with user, ending with assistant"
+)
+
+
+def preview(value, limit: int = 600) -> str:
+    """``repr(value)``, cut to ``limit`` characters: what a notebook prints of an example, whatever its size."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]} … ({len(text) - limit:,} more characters)"
 
 
 def packaged_data_path(name: str) -> Path:
@@ -155,7 +163,9 @@ def example_problem(example: dict, shape: str) -> str | None:
                 return f"turn {number} has the role {turn[role_key]!r}; the accepted roles are {', '.join(accepted)}"
             roles.append(turn[role_key] if shape == "messages" else SHAREGPT_ROLES[turn[role_key]])
             if not isinstance(turn[text_key], str) or not turn[text_key].strip():
-                return f"turn {number} ({roles[-1]}) is empty: every turn needs text, and the answers are what is learned"
+                return (
+                    f"turn {number} ({roles[-1]}) is empty: every turn needs text, and the answers are what is learned"
+                )
         body = roles[1:] if roles[0] == "system" else roles
         expected = ["user", "assistant"] * (len(body) // 2 + 1)
         if not body or body != expected[: len(body)] or body[-1] != "assistant":

@@ -3,7 +3,9 @@
 Used by notebooks 04 (adapter) and 05 (merged model), and by the course runner.
 A save goes to a temporary directory beside its destination and is renamed into
 place only once complete, so an interrupted save (a Colab disconnect, a full
-disk) leaves the previous version as it was.
+disk) leaves the previous version as it was; the next save removes what such an
+interruption left behind. One process at a time writes a run directory
+(``lock_run_dir``).
 """
 
 from __future__ import annotations
@@ -16,6 +18,85 @@ from pathlib import Path
 
 # What a finished run leaves; a run_dir holding any of these is not written over without overwrite=True.
 FINISHED_RUN_MARKERS = ("adapter", "merged", "eval.json")
+LOCK_NAME = ".lock"
+LOCK_OWNER_ENV = "LORA_COURSE_LOCK_OWNER"  # the runner's pid: its notebooks' kernels share its lock
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+class RunDirLock:
+    """``run_dir/.lock``: who writes this run directory (pid, host, what, since when)."""
+
+    def __init__(self, path: Path, owned: bool):
+        self.path, self.owned = path, owned
+
+    def release(self) -> None:
+        if self.owned:
+            self.path.unlink(missing_ok=True)
+            self.owned = False
+
+
+def lock_run_dir(run_dir: str | Path, what: str):
+    """Claim ``run_dir`` for this process, or refuse at once naming the process that writes it.
+
+    A lock left by a process that has died on this machine is released; one from another machine (a Colab runtime
+    that is gone, with run_dir on Drive) is taken over with a warning, because there is no way to ask it. The
+    course runner's kernels run under the runner's lock. Released at exit, or with ``.release()``.
+    """
+    import atexit
+    import datetime
+    import json
+    import socket
+    import warnings
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCK_NAME
+    me = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "what": what,
+        "since": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
+    for _ in range(3):
+        try:
+            with open(path, "x") as handle:
+                json.dump(me, handle)
+            lock = RunDirLock(path, owned=True)
+            atexit.register(lock.release)
+            return lock
+        except FileExistsError:
+            pass
+        try:
+            other = json.loads(path.read_text())
+        except (OSError, ValueError):  # half-written by a process that died at that moment
+            path.unlink(missing_ok=True)
+            continue
+        if str(other.get("pid")) == os.environ.get(LOCK_OWNER_ENV) and other.get("host") == me["host"]:
+            return RunDirLock(path, owned=False)  # the course runner that started this kernel holds it
+        if other.get("host") == me["host"] and _alive(int(other.get("pid", 0))):
+            raise RuntimeError(
+                f"{run_dir} is being written by another process: {other.get('what')} (pid {other.get('pid')}, "
+                f"since {other.get('since')}). Two runs into one run_dir would mix their files: wait for it to "
+                "finish, or choose another run_dir."
+            )
+        if other.get("host") != me["host"]:
+            warnings.warn(
+                f"{run_dir} was locked by {other.get('what')} on another machine ({other.get('host')}, since "
+                f"{other.get('since')}); taking it over, as that machine cannot be asked (a Colab runtime that is "
+                "gone?). Make sure it is not still running.",
+                stacklevel=2,
+            )
+        path.unlink(missing_ok=True)  # a dead process's lock
+    raise RuntimeError(f"Could not lock {run_dir}: {path} keeps coming back. Is another process starting there?")
 
 
 @contextlib.contextmanager
@@ -23,6 +104,7 @@ def atomic_dir(destination: str | Path):
     """Yield a temporary directory; on success it replaces ``destination``, on error it is removed."""
     destination = Path(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
+    clean_up_interrupted_save(destination)
     tmp = Path(tempfile.mkdtemp(prefix=f".{destination.name}.partial-", dir=destination.parent))
     umask = os.umask(0)
     os.umask(umask)
@@ -39,6 +121,27 @@ def atomic_dir(destination: str | Path):
     tmp.rename(destination)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def clean_up_interrupted_save(destination: str | Path) -> list[Path]:
+    """Remove what an interrupted ``atomic_dir`` save of ``destination`` left: its ``.partial-*`` folder (up to a
+    whole 13 GB model) and, when the new version was already in place, the ``.old-*`` one. When the save died
+    between its two renames, the ``.old-*`` folder is the previous version: it is put back. Returns what was
+    removed, each also printed."""
+    destination = Path(destination)
+    removed = []
+    for old in sorted(destination.parent.glob(f".{destination.name}.old-*")):
+        if not destination.exists():
+            old.rename(destination)  # the previous version, whole: back in its place
+            print(f"restored {destination.name} from an interrupted save")
+            continue
+        removed.append(old)
+    removed += sorted(destination.parent.glob(f".{destination.name}.partial-*"))
+    for leftover in removed:
+        size = sum(f.stat().st_size for f in leftover.rglob("*") if f.is_file()) / 2**30
+        shutil.rmtree(leftover, ignore_errors=True)
+        print(f"removed {leftover.name}, left by an interrupted save ({size:.2f} GB)")
+    return removed
 
 
 def refuse_to_overwrite(run_dir: str | Path, overwrite: bool, names=FINISHED_RUN_MARKERS) -> None:

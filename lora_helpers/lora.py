@@ -132,3 +132,46 @@ def check_adapter_matches_base(adapter_dir, model) -> None:
                     f"{getattr(model, 'name_or_path', '?')!r}: layer {layer} expects {d_in} -> {d_out}, found "
                     f"{found}. Load the base model the adapter was trained on (see run_config.json)."
                 )
+
+
+def check_adapter_matches_settings(adapter_dir, settings) -> None:
+    """Refuse an adapter that ``run_config.json`` does not describe (notebooks 05 and 06, before any model loads).
+
+    Its own ``adapter_config.json`` must have the run's rank, alpha and target layers (when they are named), and
+    be trained on a model of the run's name; the copy of the settings notebook 04 saves inside ``adapter/`` must
+    equal the run's. A mismatch means the two files come from different runs.
+    """
+    import json
+    from pathlib import Path
+
+    from lora_helpers import models
+
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").exists():
+        raise FileNotFoundError(f"No adapter in {adapter_dir}: run notebook 04 (training) with this run_dir first.")
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    problems = []
+    if config.get("r") != settings.lora_r:
+        problems.append(f"r={config.get('r')} (run_config.json: lora_r={settings.lora_r})")
+    if config.get("lora_alpha") != settings.lora_alpha:
+        problems.append(f"lora_alpha={config.get('lora_alpha')} (run_config.json: {settings.lora_alpha})")
+    if settings.target_modules != "all-linear":
+        named = {t.strip() for t in settings.target_modules.split(",") if t.strip()}
+        if set(config.get("target_modules") or []) != named:
+            problems.append(f"targets {sorted(config.get('target_modules') or [])} (run_config.json: {sorted(named)})")
+    base = Path(str(config.get("base_model_name_or_path", ""))).name
+    if base and base != Path(models.resolve_model_path(settings.model_id)).name:
+        problems.append(
+            f"base model {config.get('base_model_name_or_path')!r} (run_config.json: {settings.model_id!r})"
+        )
+    saved = adapter_dir / "run_config.json"
+    if saved.exists():
+        differing = [k for k, v in json.loads(saved.read_text()).items() if getattr(settings, k, v) != v]
+        if differing:
+            problems.append(f"settings saved with it differ in {', '.join(sorted(differing))}")
+    if problems:
+        raise ValueError(
+            f"The adapter in {adapter_dir} was not trained with this run's run_config.json: {'; '.join(problems)}. "
+            "They come from different runs (one that failed before saving its adapter?). Run notebook 04 again "
+            "for this run_dir (overwrite=True), or use the run_dir whose settings made this adapter."
+        )

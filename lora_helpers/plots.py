@@ -93,14 +93,24 @@ def plot_lengths(lengths: list[int], max_length: int, path: str | Path | None = 
     return fig
 
 
-def loss_tokens_html(pieces: list[str], in_loss: list[bool]):
-    """The tokens of one example, green where they count in the loss, grey where they do not."""
+def loss_tokens_html(pieces: list[str], in_loss: list[bool], most: int = 300):
+    """The tokens of one example, green where they count in the loss, grey where they do not.
+
+    At most ``most`` tokens, the first and last halves: one very long example must not make a notebook of
+    megabytes.
+    """
     import html
 
     from IPython.display import HTML
 
+    marks = list(zip(pieces, in_loss))
+    if len(marks) > most:
+        marks = [*marks[: most // 2], (f" … {len(marks) - most} tokens not shown … ", None), *marks[-most // 2 :]]
     spans = []
-    for piece, counted in zip(pieces, in_loss):
+    for piece, counted in marks:
+        if counted is None:
+            spans.append(f"<span>{html.escape(piece)}</span>")
+            continue
         colour = "#c8e6c9" if counted else "#eeeeee"
         text = html.escape(piece).replace(" ", "&nbsp;").replace("\n", "&#8629;<br>")
         spans.append(f'<span style="background:{colour};border:1px solid #ccc;margin:1px;padding:0 2px">{text}</span>')

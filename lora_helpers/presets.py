@@ -314,3 +314,41 @@ def load_run_settings(run_dir) -> Settings:
         )
     saved = json.loads(path.read_text())
     return resolve_settings(saved["preset"], **{k: saved[k] for k in SETTING_NAMES if k in saved})
+
+
+def refuse_undeclared_parameters(history: list[str] | None = None) -> None:
+    """Refuse a parameter this notebook does not declare, passed with papermill (``-p lora_rank 8``).
+
+    papermill only warns about such a name and runs the notebook with the preset's value, silently. It injects the
+    given values as a cell starting with ``# Parameters`` right after the cell tagged ``parameters``; ``history``
+    (default: the running kernel's list of executed cells, IPython's ``In``) lets both be read back. In Jupyter,
+    where nothing is injected, and outside IPython, this does nothing. Every notebook calls it after its parameters.
+    """
+    import ast
+
+    if history is None:
+        from IPython import get_ipython
+
+        shell = get_ipython()
+        history = list(shell.user_ns.get("In", [])) if shell is not None else []
+
+    injected = [i for i, source in enumerate(history) if source.lstrip().startswith("# Parameters")]
+    if not injected or injected[-1] == 0:
+        return
+
+    def assigned(source: str) -> set[str]:
+        return {
+            t.id
+            for node in ast.parse(source).body
+            if isinstance(node, (ast.Assign, ast.AnnAssign))
+            for t in (node.targets if isinstance(node, ast.Assign) else [node.target])
+            if isinstance(t, ast.Name)
+        }
+
+    index = injected[-1]
+    unknown = sorted(assigned(history[index]) - assigned(history[index - 1]))
+    if unknown:
+        raise ValueError(
+            f"This notebook has no parameter {', '.join(unknown)}: papermill would run it with the preset's value "
+            f"instead. Its parameters are: {', '.join(sorted(assigned(history[index - 1])))}."
+        )

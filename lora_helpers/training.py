@@ -189,6 +189,21 @@ def check_every_batch_supervised(trainer) -> dict:
     return {"batches": len(counts), "fewest_supervised_tokens": min(counts), "supervised_tokens": sum(counts)}
 
 
+def remove_incomplete_checkpoints(checkpoint_dir) -> list[str]:
+    """Remove checkpoints whose save was cut off (a session killed while saving): the trainer writes
+    ``trainer_state.json`` last, so a checkpoint without it is incomplete and cannot be resumed from."""
+    import shutil
+    from pathlib import Path
+
+    removed = []
+    for checkpoint in sorted(Path(checkpoint_dir).glob("checkpoint-*")):
+        if checkpoint.is_dir() and not (checkpoint / "trainer_state.json").exists():
+            shutil.rmtree(checkpoint)
+            removed.append(checkpoint.name)
+            print(f"removed {checkpoint.name}: its save was interrupted, so it is incomplete")
+    return removed
+
+
 def prepare_checkpoints(checkpoint_dir, resume: bool, overwrite: bool):
     """What to pass as ``resume_from_checkpoint``; refuse to mix a new run with an interrupted one's checkpoints."""
     from pathlib import Path
@@ -196,6 +211,7 @@ def prepare_checkpoints(checkpoint_dir, resume: bool, overwrite: bool):
     from transformers.trainer_utils import get_last_checkpoint
 
     checkpoint_dir = Path(checkpoint_dir)
+    remove_incomplete_checkpoints(checkpoint_dir)
     last = get_last_checkpoint(str(checkpoint_dir)) if checkpoint_dir.is_dir() else None
     if resume:
         if last is None:

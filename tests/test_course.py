@@ -32,13 +32,20 @@ def test_unknown_preset_fails_before_any_notebook_runs(tmp_path):
 
 
 def test_a_failing_notebook_names_the_cell_and_error(tmp_path):
+    missing = tmp_path / "no-such-model"
     with pytest.raises(
         course.NotebookFailed,
-        match=r"02_quantized_load.ipynb failed in cell \[\d+\]: TypeError: Parameter load_in_4bit='maybe'",
+        match=r"02_quantized_load.ipynb failed in cell \[\d+\]: FileNotFoundError: No model folder at .*no-such-model",
     ):
-        course.run_course("tiny", tmp_path, only=["02"], params={"load_in_4bit": "maybe"})
-    summary = (tmp_path / "summary.json").read_text()
-    assert '"status": "failed"' in summary and "TypeError" in summary
+        course.run_course("tiny", tmp_path / "run", only=["02"], params={"model_id": str(missing)})
+    summary = (tmp_path / "run" / "summary.json").read_text()
+    assert '"status": "failed"' in summary and "FileNotFoundError" in summary
+
+
+def test_a_value_of_the_wrong_type_is_refused_before_any_notebook(tmp_path):
+    with pytest.raises(TypeError, match=r"Parameter load_in_4bit='maybe' should be of type bool"):
+        course.run_course("tiny", tmp_path / "run", only=["02"], params={"load_in_4bit": "maybe"})
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_hung_cell_fails_with_the_notebook_named(tmp_path, monkeypatch):

@@ -37,6 +37,8 @@ def test_the_six_lessons_are_there():
 def test_notebook_is_valid_and_stripped(path):
     nb = nbformat.read(path, as_version=4)
     nbformat.validate(nb)
+    ids = [cell.id for cell in nb.cells]
+    assert len(ids) == len(set(ids)), f"{path.name}: duplicate cell ids"
     for cell in nb.cells:
         if cell.cell_type == "code":
             assert cell.outputs == [] and cell.execution_count is None, f"{path.name}: commit notebooks stripped"

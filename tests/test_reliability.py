@@ -1,0 +1,261 @@
+"""Faults and bad inputs a learner meets, each reproduced: what the course answers, and what it leaves behind.
+
+The README's "Reliability" table lists them. The promises: a finished run is never changed without --overwrite,
+an interrupted save leaves the previous version whole, two runs never mix their files, and an interrupted or
+crashed run says how to continue.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from lora_helpers import course, files, lora, merge, presets
+
+pytestmark = pytest.mark.course
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """One finished run of the tiny course, never modified by the tests (they work on copies)."""
+    run_dir = tmp_path_factory.mktemp("finished") / "run"
+    assert course.run_course("tiny", run_dir)["status"] == "ok"
+    return run_dir
+
+
+def snapshot(run_dir: Path) -> dict:
+    return {
+        str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(run_dir.rglob("*"))
+        if p.is_file()
+    }
+
+
+def copy_of(finished: Path, tmp_path: Path) -> Path:
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished, run_dir)
+    return run_dir
+
+
+def runner(*args, run_dir: Path) -> subprocess.Popen:
+    """The course runner in its own process group, as a learner starts it from a terminal."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "lora_helpers", "course", "--run-dir", str(run_dir), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def wait_for(condition, seconds: float = 300):
+    deadline = time.time() + seconds
+    while not condition():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+def test_a_second_writer_is_refused_at_once_naming_the_first(tmp_path):
+    run_dir = tmp_path / "run"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"from lora_helpers import files; files.lock_run_dir({str(run_dir)!r}, 'notebook 04')"
+            "; import time; time.sleep(120)",
+        ]
+    )
+    try:
+        wait_for(lambda: (run_dir / ".lock").exists(), 60)
+        time.sleep(0.5)  # the lock's content is written
+        with pytest.raises(RuntimeError, match=rf"being written by another process: notebook 04 \(pid {holder.pid}"):
+            course.run_course("tiny", run_dir, only=["04"])
+        assert sorted(p.name for p in run_dir.iterdir()) == [".lock"]  # nothing else was written
+    finally:
+        holder.kill()
+        holder.wait()
+    lock = files.lock_run_dir(run_dir, "this test")  # the dead process's lock is released
+    assert json.loads((run_dir / ".lock").read_text())["pid"] == os.getpid()
+    lock.release()
+    assert not (run_dir / ".lock").exists()
+
+
+def test_a_refused_run_changes_nothing(finished, tmp_path):
+    run_dir = copy_of(finished, tmp_path)
+    before = snapshot(run_dir)
+    for only in (["05"], ["04"], ["01", "02", "03", "04", "05", "06"]):
+        with pytest.raises(FileExistsError, match="already holds the results of a finished run"):
+            course.run_course("tiny", run_dir, only=only)
+    assert snapshot(run_dir) == before
+
+
+def test_bad_values_fail_before_notebook_01(tmp_path):
+    run_dir = tmp_path / "run"
+    for params, expected in (
+        ({"lora_r": -1}, r"lora_r=-1: the rank must be a positive integer"),
+        ({"max_examples": -1}, r"max_examples=-1: must be 0 or more"),
+        ({"trainer_route": "sftt"}, r"-p trainer_route=sftt: use one of sft, trainer"),
+        ({"merge_mode": "4bit"}, r"-p merge_mode=4bit: use one of unquantized, dequantized"),
+        ({"lora_rank": 8}, r"No notebook declares the parameter\(s\) \['lora_rank'\]"),
+    ):
+        with pytest.raises(ValueError, match=expected):
+            course.run_course("tiny", run_dir, params=params)
+    assert not run_dir.exists()
+    assert course.CHOICES["merge_mode"] == merge.MERGE_MODES
+
+
+def test_a_failed_overwrite_leaves_the_previous_run_whole(finished, tmp_path):
+    """Notebook 04 run again with other settings, failing after its first cells: the old settings and the old
+    adapter stay together, and notebook 05 would merge them; settings and adapter of different runs are refused."""
+    run_dir = copy_of(finished, tmp_path)
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ""}]}\n')
+    before = snapshot(run_dir)
+    with pytest.raises(course.NotebookFailed, match=r"broken\.jsonl, line 1: turn 2 \(assistant\) is empty"):
+        course.run_course("tiny", run_dir, only=["04"], params={"lora_r": 4, "dataset": str(broken)}, overwrite=True)
+    after = snapshot(run_dir)
+    for name in ("run_config.json", "split.json", "adapter/adapter_model.safetensors", "adapter/run_config.json"):
+        assert after[name] == before[name], name
+    settings = presets.load_run_settings(run_dir)
+    lora.check_adapter_matches_settings(run_dir / "adapter", settings)  # consistent: 05 and 06 go on
+    mixed = json.loads((run_dir / "run_config.json").read_text()) | {"lora_r": 4}
+    (run_dir / "run_config.json").write_text(json.dumps(mixed))
+    with pytest.raises(
+        ValueError, match=r"not trained with this run's run_config.json: r=16 \(run_config.json: lora_r=4"
+    ):
+        lora.check_adapter_matches_settings(run_dir / "adapter", presets.load_run_settings(run_dir))
+
+
+def test_notebook_06_checks_its_inputs_before_training(finished, tmp_path):
+    run_dir = copy_of(finished, tmp_path)
+    shutil.rmtree(run_dir / "merged")
+    shutil.rmtree(run_dir / "adapter_captain")
+    with pytest.raises(course.NotebookFailed, match=r"No merged model in .*run notebook 05"):
+        course.run_course("tiny", run_dir, only=["06"])
+    assert not (run_dir / "adapter_captain").exists()  # it failed before training the second adapter
+
+
+def test_skipping_the_gguf_export_keeps_the_earlier_files(finished, tmp_path):
+    run_dir = copy_of(finished, tmp_path)
+    gguf = {p.name: p.read_bytes() for p in (run_dir / "gguf").iterdir()}
+    assert "model-F16.gguf" in gguf
+    course.run_course("tiny", run_dir, only=["05"], params={"gguf_types": ""}, overwrite=True)
+    assert {p.name: p.read_bytes() for p in (run_dir / "gguf").iterdir()} == gguf
+
+
+def test_an_interrupted_save_leaves_nothing_behind_and_the_previous_version_whole(tmp_path):
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    (merged / "model.safetensors").write_text("the previous model")
+    partial = tmp_path / ".merged.partial-abc123"  # a save that died half-way (13 GB for a 7B model)
+    partial.mkdir()
+    (partial / "model-00001-of-00003.safetensors").write_bytes(b"x" * 1000)
+    with files.atomic_dir(merged) as tmp:
+        assert not partial.exists()  # removed by the next save
+        (tmp / "model.safetensors").write_text("the new model")
+    assert (merged / "model.safetensors").read_text() == "the new model"
+    assert [p.name for p in tmp_path.iterdir()] == ["merged"]
+
+    adapter_old = tmp_path / ".adapter.old-abc123"  # died between its two renames: the previous version
+    adapter_old.mkdir()
+    (adapter_old / "adapter_config.json").write_text("{}")
+    assert files.clean_up_interrupted_save(tmp_path / "adapter") == []
+    assert (tmp_path / "adapter" / "adapter_config.json").exists() and not adapter_old.exists()
+
+
+def test_a_very_long_example_makes_no_huge_notebook(tmp_path):
+    data = tmp_path / "long.jsonl"
+    rows = [
+        {"messages": [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": "Yes."}]}
+        for i in range(12)
+    ]
+    rows[0]["messages"][1]["content"] = "word " * 200_000  # one 1 MB answer
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    run_dir = tmp_path / "run"
+    course.run_course("tiny", run_dir, only=["04"], params={"dataset": str(data), "num_train_epochs": 1})
+    assert (run_dir / "notebooks" / "04_sft_training.ipynb").stat().st_size < 1_000_000
+
+
+def test_ctrl_c_during_training_leaves_a_summary_and_resuming_matches_an_uninterrupted_run(finished, tmp_path):
+    run_dir = tmp_path / "run"
+    process = runner("--preset", "tiny", "--only", "04", run_dir=run_dir)
+    wait_for(lambda: any((run_dir / "checkpoints").glob("checkpoint-*/trainer_state.json")))
+    time.sleep(1.0)  # mid-epoch, after at least one checkpoint and one evaluation
+    os.killpg(process.pid, signal.SIGINT)  # Ctrl-C in the terminal: the runner and its kernel
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert len(stderr.strip().splitlines()) <= 8, stderr  # a few lines, no traceback wall
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["error"]["notebook"] == "04_sft_training.ipynb"
+    assert "--only 04 05 06" in summary["next"] and "-p resume=True" in summary["next"]
+    assert not (run_dir / ".lock").exists()
+
+    course.run_course("tiny", run_dir, only=["04"], params={"resume": True})
+    resumed = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    straight = load_file(finished / "adapter" / "adapter_model.safetensors")
+    assert resumed.keys() == straight.keys()
+    assert max((resumed[k] - straight[k]).abs().max().item() for k in straight) <= 1e-6
+
+
+def test_a_dead_kernel_is_reported_with_its_likely_cause_and_the_next_step(tmp_path):
+    import psutil
+
+    run_dir = tmp_path / "run"
+    process = runner("--preset", "tiny", "--only", "04", run_dir=run_dir)
+    wait_for(lambda: any((run_dir / "checkpoints").glob("checkpoint-*/trainer_state.json")))
+    kernels = [p for p in psutil.Process(process.pid).children(recursive=True) if "ipykernel" in " ".join(p.cmdline())]
+    assert kernels
+    for kernel in kernels:
+        kernel.kill()  # as the system's out-of-memory killer would
+    _, stderr = process.communicate(timeout=180)
+    assert process.returncode == 1
+    assert "DeadKernelError" in stderr and "lack of host memory" in stderr and "resume=True" in stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed" and "-p resume=True" in summary["next"]
+
+
+def test_the_notebooks_own_error_comes_first_when_the_summary_cannot_be_written(tmp_path, monkeypatch):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+
+    def cannot(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(course, "write_summary", cannot)
+    with pytest.raises(course.NotebookFailed) as error:
+        course.run_course("tiny", tmp_path / "run", only=["04"], params={"dataset": str(empty)})
+    text = str(error.value)
+    assert text.startswith("04_sft_training.ipynb failed in cell") and "empty.jsonl is empty" in text
+    assert "(summary.json could not be written: OSError: No space left on device)" in text
+
+
+def test_papermill_run_directly_refuses_a_parameter_the_notebook_does_not_declare(tmp_path):
+    import papermill
+
+    notebook = course.course_notebooks(["01"])[0]
+    with pytest.raises(papermill.PapermillExecutionError, match=r"This notebook has no parameter lora_rank"):
+        papermill.execute_notebook(
+            str(notebook),
+            str(tmp_path / "out.ipynb"),
+            parameters={"preset": "tiny", "run_dir": str(tmp_path / "run"), "lora_rank": 8},
+            kernel_name="python3",
+            progress_bar=False,
+            kernel_manager_class=course.kernel_manager_class(),
+        )
+    assert not (tmp_path / "run").exists()  # refused before the notebook wrote anything
+
+
+def test_undeclared_parameters_are_read_from_the_kernels_history():
+    declared = 'preset: str = "tiny"\nrun_dir: str = "runs/tiny"\nseed: Optional[int] = None\n'
+    presets.refuse_undeclared_parameters(["import x", declared, '# Parameters\npreset = "tiny"\nseed = 3\n'])
+    presets.refuse_undeclared_parameters(["import x", declared])  # Jupyter: nothing injected, nothing to check
+    with pytest.raises(ValueError, match=r"no parameter lora_rank: .*Its parameters are: preset, run_dir, seed"):
+        presets.refuse_undeclared_parameters([declared, '# Parameters\npreset = "tiny"\nlora_rank = 8\n'])
