@@ -80,13 +80,16 @@ def lock_run_dir(run_dir: str | Path, what: str):
         except (OSError, ValueError):  # half-written by a process that died at that moment
             path.unlink(missing_ok=True)
             continue
+        if other.get("host") == me["host"] and other.get("pid") == me["pid"]:
+            return RunDirLock(path, owned=True)  # this process already holds it (a notebook's cells run again)
         if str(other.get("pid")) == os.environ.get(LOCK_OWNER_ENV) and other.get("host") == me["host"]:
             return RunDirLock(path, owned=False)  # the course runner that started this kernel holds it
         if other.get("host") == me["host"] and _alive(int(other.get("pid", 0))):
             raise RuntimeError(
                 f"{run_dir} is being written by another process: {other.get('what')} (pid {other.get('pid')}, "
                 f"since {other.get('since')}). Two runs into one run_dir would mix their files: wait for it to "
-                "finish, or choose another run_dir."
+                "finish, or choose another run_dir. (A notebook left open in Jupyter holds it until its last cell "
+                "runs or its kernel is shut down.)"
             )
         if other.get("host") != me["host"]:
             warnings.warn(

@@ -84,6 +84,7 @@ def test_a_second_writer_is_refused_at_once_naming_the_first(tmp_path):
         holder.wait()
     lock = files.lock_run_dir(run_dir, "this test")  # the dead process's lock is released
     assert json.loads((run_dir / ".lock").read_text())["pid"] == os.getpid()
+    assert files.lock_run_dir(run_dir, "this test, again").owned  # a notebook's cells run a second time
     lock.release()
     assert not (run_dir / ".lock").exists()
 
