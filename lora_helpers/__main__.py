@@ -34,6 +34,19 @@ def main(argv: list[str] | None = None) -> int:
         help="override a notebook parameter, e.g. -p lora_r=4 (repeatable)",
     )
 
+    trainer = commands.add_parser(
+        "train", help="notebook 04's training as a command, on one process or under torchrun / accelerate launch"
+    )
+    trainer.add_argument("--preset", default="tiny")
+    trainer.add_argument("--run-dir", default=None, help="where results go (default: runs/PRESET)")
+    trainer.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in run-dir")
+    trainer.add_argument(
+        "--processes", type=int, default=None, help="how many processes the launcher should have started (checked)"
+    )
+    trainer.add_argument(
+        "-p", "--parameter", action="append", default=[], metavar="NAME=VALUE", help="a setting, e.g. -p lora_r=8"
+    )
+
     planner = commands.add_parser("plan", help="trainable parameters and estimated peak memory, before loading")
     planner.add_argument("--preset", default="tiny")
     planner.add_argument(
@@ -95,6 +108,22 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nerror: {error}", file=sys.stderr)
             return 1
         runner.print_summary(summary)
+    elif args.command == "train":
+        from lora_helpers import course as runner
+        from lora_helpers import launch
+
+        try:
+            log = launch.train(
+                args.preset, args.run_dir, runner.parse_parameters(args.parameter), args.overwrite, args.processes
+            )
+        except (ValueError, TypeError, OSError, RuntimeError) as error:
+            print(f"\nerror: {error}", file=sys.stderr)
+            return 1
+        if launch.world()[0] == 0:
+            print(
+                f"trained on {log['world_size']} process(es), effective batch {log['effective_batch']}: "
+                f"train loss {log['first_train_loss']:.3f} -> {log['final_train_loss']:.3f}"
+            )
     elif args.command == "plan":
         import json
 

@@ -43,7 +43,12 @@ SHIPPED = {
     "meta-llama/Llama-3.2-3B": "llama-3.2-3b",
     "meta-llama/Llama-3.1-8B-Instruct": "llama-3.1-8b",
     "meta-llama/Meta-Llama-3.1-8B": "llama-3.1-8b",
+    # Not presets: for "will it fit on several GPUs?" (notebook 07 and `plan -p num_gpus=2`)
+    "NousResearch/Llama-2-13b-chat-hf": "llama-2-13b",
+    "meta-llama/Llama-2-13b-chat-hf": "llama-2-13b",
+    "meta-llama/Llama-3.1-70B-Instruct": "llama-3.1-70b",
 }
+STRATEGIES = ("ddp", "fsdp")
 GPU_SIZES_GB = (15, 24, 40, 80)
 GB = 2**30
 
@@ -147,13 +152,22 @@ def for_this_machine() -> dict:
     return {"compute_bytes": 2, "gpu": True} if torch.cuda.is_available() else {"compute_bytes": 4, "gpu": False}
 
 
-def plan(settings, compute_bytes: int = 2, gpu: bool = True) -> dict:
+def plan(settings, compute_bytes: int = 2, gpu: bool = True, num_gpus: int = 1, strategy: str = "ddp") -> dict:
     """Trainable parameters and the estimated peak training memory (bytes, by part) for these settings.
 
     ``compute_bytes`` is the size of the compute dtype: 2 on a GPU (fp16/bf16), 4 on a CPU (fp32); it sizes
     the activations, and the weights when they are not quantized. ``gpu`` adds the CUDA context and allocator
     slack; notebooks pass ``for_this_machine()``.
+
+    On ``num_gpus`` GPUs the plan is per GPU. ``"ddp"`` (data parallel): every GPU holds the whole model and its
+    own batch, plus DDP's gradient buckets (a copy of the trainable gradients). ``"fsdp"`` (fully sharded): the
+    weights, the adapters' gradients and optimizer states are split across the GPUs; each GPU gathers one decoder
+    layer's full weights at a time (two, with prefetching), and keeps its own batch's activations.
     """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy={strategy!r}: use one of {', '.join(STRATEGIES)}.")
+    if num_gpus < 1:
+        raise ValueError(f"num_gpus={num_gpus}: must be 1 or more.")
     config = load_config(settings.model_id)
     model = meta_model(config)
     targets = lora.resolve_target_modules(model, settings.target_modules)
@@ -178,10 +192,21 @@ def plan(settings, compute_bytes: int = 2, gpu: bool = True) -> dict:
         "activations": with_checkpointing if settings.gradient_checkpointing else without_checkpointing,
         "logits": tokens * sizes["vocab"] * 4 * 2,
     }
+    if num_gpus > 1 and strategy == "ddp":
+        parts["DDP gradient buckets"] = trainable * 4
+    if num_gpus > 1 and strategy == "fsdp":
+        per_layer = parts["quantized weights"] / layers
+        for name in ("quantized weights", "unquantized parts", "LoRA weights+grads+Adam"):
+            parts[name] /= num_gpus
+        # one decoder layer gathered whole, the next one prefetched, and the root unit (embedding and head)
+        parts["FSDP gathered weights"] = 2 * per_layer + embeddings * compute_bytes
     if gpu:
         parts["overhead"] = 0.5 * GB + 0.1 * sum(parts.values())
     peak = sum(parts.values())
     return {
+        "num_gpus": num_gpus,
+        "strategy": strategy if num_gpus > 1 else "single",
+        "effective_batch": settings.per_device_train_batch_size * settings.gradient_accumulation_steps * num_gpus,
         "model_id": settings.model_id,
         "parameters": total,
         "trainable": trainable,
@@ -220,7 +245,13 @@ def format_plan(result: dict) -> str:
     lines = [
         f"{result['model_id']}: {result['parameters']:,} parameters, {result['trainable']:,} trainable "
         f"({result['trainable_share_%']:.3f}%) on {', '.join(result['targets'])}",
-        "estimated peak training memory:",
+        "estimated peak training memory"
+        + (
+            f", per GPU of {result['num_gpus']} ({result['strategy'].upper()}, effective batch "
+            f"{result['effective_batch']}):"
+            if result.get("num_gpus", 1) > 1
+            else ":"
+        ),
     ]
     lines += [f"  {name:<24} {gb * scale:8.2f} {unit}" for name, gb in result["parts_gb"].items()]
     lines.append(f"  {'total':<24} {result['peak_gb'] * scale:8.2f} {unit}")
@@ -235,10 +266,11 @@ def format_plan(result: dict) -> str:
     return "\n".join(lines)
 
 
-def plan_for_preset(name: str, **overrides) -> dict:
-    """``python -m lora_helpers plan``: the training plan of a preset on a GPU, and each notebook's peaks."""
+def plan_for_preset(name: str, num_gpus: int = 1, strategy: str = "ddp", **overrides) -> dict:
+    """``python -m lora_helpers plan``: the training plan of a preset on a GPU (per GPU on ``num_gpus``), and
+    each notebook's peaks on one GPU."""
     settings = presets.resolve_settings(name, **overrides)
-    return {**plan(settings), "notebooks": notebook_memory(settings)}
+    return {**plan(settings, num_gpus=int(num_gpus), strategy=strategy), "notebooks": notebook_memory(settings)}
 
 
 # Host memory of a notebook's Python process before any model: torch, CUDA's libraries and the course's imports
@@ -288,7 +320,7 @@ def notebook_memory(settings, compute_bytes: int = 2, gpu: bool = True) -> dict:
     }
     base = HOST_BASE_GB[gpu]
     host_gb = {nb: base for nb in gpu_gb}
-    host_gb["05"] = base + SHARD_GB
+    host_gb["05"] = base + min(SHARD_GB, sixteen_bit)
     if not gpu:  # everything lives in host memory
         host_gb = {nb: host_gb[nb] + gpu_gb[nb] for nb in gpu_gb}
         gpu_gb = {nb: 0.0 for nb in gpu_gb}
@@ -312,10 +344,8 @@ def check_notebook(settings, notebook: str) -> str:
     gpu = torch.cuda.is_available()
     need = notebook_memory(settings, 2 if gpu else 4, gpu)[notebook]
     ram_gb = psutil.virtual_memory().available / GB
-    lines = [
-        f"notebook {notebook} holds {need['holds']}: about {need['gpu_gb']:.1f} GB of GPU memory and "
-        f"{need['host_gb']:.1f} GB of RAM"
-    ]
+    gpu_part = f"{need['gpu_gb']:.1f} GB of GPU memory and " if gpu else ""
+    lines = [f"notebook {notebook} holds {need['holds']}: about {gpu_part}{need['host_gb']:.1f} GB of RAM"]
     if gpu:
         free_gb = device.gpu_memory_free_bytes() / GB
         lines.append(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from pathlib import Path
 
 from transformers import TrainerCallback
 
@@ -312,24 +313,36 @@ def train_adapter(
     resume: bool = False,
     overwrite: bool = False,
     callbacks=(),
+    checkpoint_dir: str | None = None,
+    extra_args: dict | None = None,
+    saved_with: dict | None = None,
 ):
     """Train one LoRA adapter with the notebook-04 recipe and save it to ``output_dir``. Returns the trainer.
 
-    Checkpoints go to ``OUTPUT_DIR-checkpoints`` after every epoch; ``resume=True`` continues from the last one.
+    Checkpoints go to ``checkpoint_dir`` (default ``OUTPUT_DIR-checkpoints``) after every epoch; ``resume=True``
+    continues from the last one. ``extra_args`` go to ``SFTConfig`` (``launch.ddp_arguments`` for several
+    processes). Under several processes only the main one saves; ``saved_with`` is written beside the adapter as
+    ``run_config.json`` (notebook 04 does the same).
     """
     from transformers import EarlyStoppingCallback, set_seed
     from trl import SFTTrainer
 
     from lora_helpers import models
 
-    checkpoint_dir = f"{output_dir}-checkpoints"
-    resume_from = prepare_checkpoints(checkpoint_dir, resume, overwrite)
+    checkpoint_dir = checkpoint_dir or f"{output_dir}-checkpoints"
+    if _main_process():
+        resume_from = prepare_checkpoints(checkpoint_dir, resume, overwrite)
+    else:  # the main process alone removes or refuses; the others only find the checkpoint to resume from
+        complete = sorted(
+            Path(checkpoint_dir).glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name.split("-")[1])
+        )
+        resume_from = str(complete[-1].parent) if resume and complete else None
     set_seed(settings.seed)
     tokenizer = models.load_tokenizer(settings.model_id, settings.trust_remote_code, settings.chat_format)
     model = lora_model(settings, adapter_name, tokenizer=tokenizer)
     train, evaluation, _, _ = prepare_datasets(settings, tokenizer)
     early_stopping = bool(settings.early_stopping_patience and evaluation is not None)
-    args = sft_config(settings, checkpoint_dir, evaluation is not None)
+    args = sft_config(settings, checkpoint_dir, evaluation is not None, **(extra_args or {}))
     callbacks = [StopOnNonFinite(), *callbacks]
     if early_stopping:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=settings.early_stopping_patience))
@@ -341,10 +354,21 @@ def train_adapter(
         processing_class=tokenizer,
         callbacks=callbacks,
     )
+    trainer.prompt_completion = {"train": train, "eval": evaluation}  # before the trainer's tokenization (split.json)
     adapter_weights_to_float32(trainer.model)
     with explain_oom(settings):
         trainer.train(resume_from_checkpoint=resume_from)
-    with files.atomic_dir(output_dir) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+    if trainer.is_world_process_zero():
+        with files.atomic_dir(output_dir) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            if saved_with is not None:
+                files.write_json(Path(tmp) / "run_config.json", saved_with)
     return trainer
+
+
+def _main_process() -> bool:
+    """Rank 0 of a torchrun / accelerate launch, or a single process: the one that may change files."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"

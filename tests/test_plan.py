@@ -173,3 +173,49 @@ def test_notebook_check_says_what_fits_a_t4_and_what_to_change():
     assert plan.verdict(need, "04", 14.3, 12.7).startswith("probably does NOT fit: see the training plan")
     assert plan.verdict(need, "02", 14.3, 12.7).startswith("probably does NOT fit: a smaller model")
     assert plan.verdict({"gpu_gb": 20.0, "host_gb": 8.0}, "05", 14.3, 12.7).startswith("probably does NOT fit in RAM")
+
+
+def test_per_gpu_plans_for_data_parallel_and_sharded_training():
+    settings = presets.get_preset("llama2-7b-guanaco")
+    one = plan.plan(settings)
+    ddp = plan.plan(settings, num_gpus=2, strategy="ddp")
+    fsdp = plan.plan(settings, num_gpus=2, strategy="fsdp")
+    assert one["strategy"] == "single" and ddp["strategy"] == "ddp" and fsdp["strategy"] == "fsdp"
+    assert ddp["effective_batch"] == 2 * one["effective_batch"] == 2 * 2 * 4
+    # DDP: a whole model per GPU, plus a copy of the trainable gradients in its buckets
+    assert ddp["parts_gb"]["quantized weights"] == one["parts_gb"]["quantized weights"]
+    assert ddp["parts_gb"]["DDP gradient buckets"] == pytest.approx(one["trainable"] * 4 / plan.GB)
+    assert ddp["peak_gb"] > one["peak_gb"]
+    # FSDP: weights, adapter gradients and optimizer states split; one layer (and the next) gathered whole
+    for part in ("quantized weights", "unquantized parts", "LoRA weights+grads+Adam"):
+        assert fsdp["parts_gb"][part] == pytest.approx(one["parts_gb"][part] / 2)
+    assert fsdp["parts_gb"]["activations"] == one["parts_gb"]["activations"]  # each GPU its own batch
+    assert fsdp["peak_gb"] < one["peak_gb"]
+    with pytest.raises(ValueError, match="strategy='zero3'"):
+        plan.plan(settings, num_gpus=2, strategy="zero3")
+
+
+def test_will_a_13b_fit_two_t4s_and_a_70b_two_24gb_gpus(capsys):
+    assert (
+        cli.main(
+            [
+                "plan",
+                "--preset",
+                "llama2-7b-guanaco",
+                "-p",
+                "model_id=NousResearch/Llama-2-13b-chat-hf",
+                "-p",
+                "num_gpus=2",
+                "-p",
+                "strategy=fsdp",
+            ]
+        )
+        == 0
+    )
+    text = capsys.readouterr().out
+    assert "per GPU of 2 (FSDP, effective batch 16)" in text and "15 GB yes" in text
+    seventy = "meta-llama/Llama-3.1-70B-Instruct"
+    two = plan.plan_for_preset("llama2-7b-guanaco", num_gpus=2, strategy="fsdp", model_id=seventy)
+    four = plan.plan_for_preset("llama2-7b-guanaco", num_gpus=4, strategy="fsdp", model_id=seventy)
+    assert not two["fits_gb"][24] and four["fits_gb"][24]  # 2 x 24 GB: offload or shorter examples; 4 x 24 GB fits
+    assert plan.plan_for_preset("llama2-7b-guanaco", num_gpus=2, strategy="ddp", model_id=seventy)["peak_gb"] > 40

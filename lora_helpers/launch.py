@@ -1,0 +1,184 @@
+"""Training from a terminal, on one GPU or several: ``lora-course train`` (taught in notebook 07).
+
+Notebook 04's recipe, the same ``LoraConfig`` and ``SFTConfig`` (``training.train_adapter``), as a command, so
+that a launcher can start it once per GPU::
+
+    torchrun --standalone --nproc_per_node 2 -m lora_helpers train --preset llama2-7b-guanaco --processes 2
+    accelerate launch --multi_gpu --num_processes 2 -m lora_helpers train --preset llama2-7b-guanaco --processes 2
+
+Each process holds a whole copy of the 4-bit model on its own device and trains on its own share of every batch;
+DDP averages the adapters' gradients across processes after each backward pass, so every copy stays the same
+(data parallelism). The effective batch is ``per_device_train_batch_size x gradient_accumulation_steps x
+processes``. Only the main process (rank 0) writes ``run_dir``, in notebook 04's layout, so notebooks 05 and 06
+continue from it. On CPUs (the course's rehearsal in CI) the processes talk through gloo.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+from lora_helpers import files, presets
+
+
+def world() -> tuple[int, int]:
+    """(rank, number of processes), as torchrun and accelerate launch set them; (0, 1) for a plain process."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def ddp_arguments(world_size: int) -> dict:
+    """What ``SFTConfig`` needs for DDP with QLoRA: every trainable weight gets a gradient at every step (LoRA
+    with gradient checkpointing ``use_reentrant=False``), so DDP must not search for unused ones; on CPUs the
+    processes use gloo, and ``use_cpu`` makes the trainer set up the process group at all."""
+    if world_size == 1:
+        return {}
+    import torch
+
+    arguments = {"ddp_find_unused_parameters": False}
+    if not torch.cuda.is_available():
+        arguments |= {"use_cpu": True, "ddp_backend": "gloo"}
+    return arguments
+
+
+def check_launch(expected: int | None, trainer_world_size: int, checkpointing_kwargs: dict | None = None) -> None:
+    # checkpointing_kwargs: the trainer's gradient checkpointing arguments, None when it does not checkpoint
+    """Stop before training on the launches that train wrongly without an error.
+
+    - ``accelerate launch --cpu --num_processes 2`` starts one process: ``--processes 2`` says how many were meant.
+    - torchrun starting two processes whose trainers each see a world of one: two separate trainings that write
+      the same files (on a CPU without ``use_cpu=True``).
+    - gradient checkpointing with ``use_reentrant=True`` under DDP: "Expected to mark a variable ready only once".
+    """
+    _, launched = world()
+    if expected is not None and launched != expected:
+        raise RuntimeError(
+            f"--processes {expected}, but {launched} process(es) started. `accelerate launch --cpu` starts one "
+            "process whatever --num_processes says; start several with `torchrun --standalone --nproc_per_node "
+            f"{expected} -m lora_helpers train ...` (CPUs and GPUs) or `accelerate launch --multi_gpu "
+            f"--num_processes {expected} ...` (GPUs)."
+        )
+    if launched != trainer_world_size:
+        raise RuntimeError(
+            f"{launched} processes were started, but the trainer sees {trainer_world_size}: each would train alone "
+            "and they would overwrite each other's files. On CPUs the trainer needs use_cpu=True and the gloo "
+            "backend (launch.ddp_arguments)."
+        )
+    if (
+        launched > 1
+        and checkpointing_kwargs is not None
+        and checkpointing_kwargs.get("use_reentrant", True) is not False
+    ):
+        raise RuntimeError(
+            "Gradient checkpointing under DDP needs use_reentrant=False (training.checkpointing sets it): the "
+            "reentrant version fails with 'Expected to mark a variable ready only once'."
+        )
+
+
+def train(
+    preset: str,
+    run_dir: str | Path | None = None,
+    params: dict | None = None,
+    overwrite: bool = False,
+    processes: int | None = None,
+) -> dict:
+    """Notebook 04's training as a command; returns (and on rank 0 writes) ``training_log.json``'s content."""
+    from lora_helpers import plots, training
+
+    params = dict(params or {})
+    resume = bool(params.pop("resume", False))
+    unknown = set(params) - set(presets.SETTING_NAMES)
+    if unknown:
+        raise ValueError(f"No setting named {sorted(unknown)}. Settings: {', '.join(presets.SETTING_NAMES)}.")
+    settings = presets.resolve_settings(preset, **params)
+    run_dir = Path(run_dir or f"runs/{preset}").expanduser().resolve()
+    rank, world_size = world()
+    check_launch(processes, world_size)  # the launcher's count, before any model is loaded
+    lock = None
+    if rank == 0:
+        files.refuse_to_overwrite(run_dir, overwrite)  # resume continues a run that has no adapter yet
+        lock = files.lock_run_dir(run_dir, f"lora-course train ({world_size} process(es))")
+    run_config = {**dataclasses.asdict(settings), "trainer_route": "sft", "processes": world_size}
+    try:
+        trainer = training.train_adapter(
+            settings,
+            str(run_dir / "adapter"),
+            resume=resume,
+            overwrite=overwrite,
+            checkpoint_dir=str(run_dir / "checkpoints"),
+            extra_args=ddp_arguments(world_size),
+            saved_with=run_config,
+            callbacks=[launch_check(processes)],
+        )
+        checksums = replica_checksums(trainer.model)
+        history = trainer.state.log_history
+        curves = plots.loss_curves(history)
+        log = {
+            "trainer_route": "sft",
+            "world_size": trainer.args.world_size,
+            "effective_batch": settings.per_device_train_batch_size
+            * settings.gradient_accumulation_steps
+            * trainer.args.world_size,
+            "first_train_loss": curves["train"][0][1],
+            "final_train_loss": curves["train"][-1][1],
+            "final_eval_loss": curves["eval"][-1][1] if curves["eval"] else None,
+            "epochs_run": trainer.state.epoch,
+            "replica_checksums": checksums,  # every process's adapter weights, summed: DDP keeps them equal
+            "log_history": history,
+        }
+        if trainer.is_world_process_zero():
+            split = {name: _pairs(dataset) for name, dataset in trainer.prompt_completion.items()}
+            files.write_json(run_dir / "run_config.json", run_config)  # after the adapter, as notebook 04 does
+            files.write_json(run_dir / "split.json", split)
+            files.write_json(run_dir / "training_log.json", log)
+            plots.plot_loss(history, run_dir / "loss.png")
+        return log
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def replica_checksums(model) -> list[float]:
+    """The sum of |w| over the trainable (LoRA) weights, on every process: equal when the copies agree."""
+    import torch.distributed as dist
+
+    local = float(sum(p.detach().double().abs().sum() for p in model.parameters() if p.requires_grad))
+    if not (dist.is_available() and dist.is_initialized()):
+        return [local]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, local)
+    return gathered
+
+
+def launch_check(processes: int | None):
+    """A trainer callback running ``check_launch`` once the trainer knows its world, before the first step."""
+    from transformers import TrainerCallback
+
+    class LaunchCheck(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            checkpointing = getattr(args, "activation_checkpointing", None) or getattr(
+                args, "gradient_checkpointing", False
+            )
+            kwargs_name = (
+                "activation_checkpointing_kwargs"
+                if hasattr(args, "activation_checkpointing_kwargs")
+                else "gradient_checkpointing_kwargs"
+            )
+            check_launch(
+                processes,
+                args.world_size,
+                (getattr(args, kwargs_name, None) or {}) if checkpointing else None,
+            )
+
+    return LaunchCheck()
+
+
+def _pairs(dataset) -> list[tuple[str, str]]:
+    """(last question, answer) of each prompt/completion example: notebook 04's split.json, for notebook 06."""
+    if dataset is None:
+        return []
+    pairs = []
+    for example in dataset:
+        users = [m["content"] for m in example["prompt"] if m["role"] == "user"]
+        pairs.append((users[-1].strip(), example["completion"][-1]["content"].strip()))
+    return pairs
