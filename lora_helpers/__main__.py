@@ -1,4 +1,4 @@
-"""Command line: ``python -m lora_helpers course|images|tiny`` (also installed as ``lora-course``)."""
+"""Command line: ``python -m lora_helpers course|train|plan|bench|links|images|tiny|presets`` (also ``lora-course``)."""
 
 from __future__ import annotations
 
