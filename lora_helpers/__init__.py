@@ -47,7 +47,7 @@ logging.getLogger("transformers.pipelines.base").addFilter(_DropMessage("You see
 logging.getLogger("gguf.vocab").addFilter(_DropMessage("Unknown separator token"))
 
 # The course runner asks each notebook's kernel for its peak memory at exit (device.record_peaks, summary.json).
-if os.environ.get("LORA_COURSE_PEAKS_FILE"):
-    from lora_helpers import device as _device
+from lora_helpers import device as _device  # noqa: E402 (after the filters; it imports nothing heavy)
 
-    _device.start_recording_peaks(os.environ["LORA_COURSE_PEAKS_FILE"])
+if os.environ.get(_device.PEAKS_ENV):
+    _device.start_recording_peaks(os.environ[_device.PEAKS_ENV])

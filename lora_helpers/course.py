@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from lora_helpers import files
+from lora_helpers import device, files
 
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 # The course's repository on GitHub (owner/name): the notebooks' Colab cell, badges, links and images are built from
@@ -207,8 +207,11 @@ def notebook_parameters(path: Path) -> set[str]:
     return set(papermill.inspect_notebook(str(path)))
 
 
-# Notebook parameters that are not settings, and the values they accept.
-CHOICES = {"trainer_route": ("sft", "trainer"), "merge_mode": ("unquantized", "dequantized")}
+def choices() -> dict[str, tuple[str, ...]]:
+    """Notebook parameters that are not settings, and the values they accept."""
+    from lora_helpers import merge
+
+    return {"trainer_route": ("sft", "trainer"), "merge_mode": merge.MERGE_MODES}
 
 
 def check_values(preset: str, params: dict) -> None:
@@ -217,7 +220,7 @@ def check_values(preset: str, params: dict) -> None:
     from lora_helpers import presets
 
     presets.resolve_settings(preset, **{k: v for k, v in params.items() if k in presets.SETTING_NAMES})
-    for name, accepted in CHOICES.items():
+    for name, accepted in choices().items():
         if name in params and params[name] not in accepted:
             raise ValueError(f"-p {name}={params[name]}: use one of {', '.join(accepted)}.")
 
@@ -302,7 +305,7 @@ def _run_notebooks(preset, run_dir, notebooks, declared, params, overwrite, rehe
         start = time.time()
         peaks_file = out_dir / f".peaks-{notebook.stem}.json"
         peaks_file.unlink(missing_ok=True)
-        os.environ[PEAKS_ENV] = str(peaks_file)  # the kernel inherits it and writes its peaks at exit
+        os.environ[device.PEAKS_ENV] = str(peaks_file)  # the kernel inherits it and writes its peaks at exit
         kernel_log = out_dir / f"{notebook.stem}.kernel.log"
         kernel_log.unlink(missing_ok=True)
         os.environ[KERNEL_LOG_ENV] = str(kernel_log)
@@ -362,7 +365,6 @@ def _run_notebooks(preset, run_dir, notebooks, declared, params, overwrite, rehe
     return write_summary(run_dir, summary, time.time() - total_start)
 
 
-PEAKS_ENV = "LORA_COURSE_PEAKS_FILE"  # device.PEAKS_ENV, without importing torch into the runner
 KERNEL_LOG_ENV = "LORA_COURSE_KERNEL_LOG"
 
 

@@ -22,6 +22,15 @@ SHAPES = {
     "alpaca": "Alpaca: `instruction` (+ optional `input`) + `output`",
     "text": "`text` in Llama-2's chat format (guanaco-llama2: `<s>[INST] ... [/INST] ... </s>`)",
 }
+# The columns that identify each shape, in the order they are tried (``detect_shape``), and that every example of
+# that shape needs (``example_problem``).
+SHAPE_COLUMNS = {
+    "messages": ("messages",),
+    "conversations": ("conversations",),
+    "prompt_completion": ("prompt", "completion"),
+    "alpaca": ("instruction", "output"),
+    "text": ("text",),
+}
 LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 ROLES = ("system", "user", "assistant")
@@ -137,13 +146,7 @@ def example_problem(example: dict, shape: str) -> str | None:
         own = detect_shape(present)
     except ValueError:
         own = None
-    required = {
-        "messages": ("messages",),
-        "conversations": ("conversations",),
-        "prompt_completion": ("prompt", "completion"),
-        "alpaca": ("instruction", "output"),
-        "text": ("text",),
-    }[shape]
+    required = SHAPE_COLUMNS[shape]
     missing = [column for column in required if column not in present]
     if own is None and missing:
         return f"`{missing[0]}` is empty or missing: every example needs it"
@@ -196,16 +199,9 @@ def check_examples(dataset, source: str) -> str:
 def detect_shape(columns) -> str:
     """Name the dataset's shape from its columns (a key of ``SHAPES``), or explain what is accepted."""
     columns = set(columns)
-    if "messages" in columns:
-        return "messages"
-    if "conversations" in columns:
-        return "conversations"
-    if {"prompt", "completion"} <= columns:
-        return "prompt_completion"
-    if {"instruction", "output"} <= columns:
-        return "alpaca"
-    if "text" in columns:
-        return "text"
+    for shape, required in SHAPE_COLUMNS.items():  # in this order: a `messages` file may have a `text` column too
+        if set(required) <= columns:
+            return shape
     accepted = "\n".join(f"  - {desc}" for desc in SHAPES.values())
     raise ValueError(f"The dataset's columns {sorted(columns)} fit none of the accepted shapes:\n{accepted}")
 
@@ -287,16 +283,16 @@ def to_prompt_completion(example: dict, shape: str, system_prompt: str = "") -> 
     return {"prompt": messages[:-1], "completion": messages[-1:]}
 
 
+def question_answer(messages: list[dict]) -> tuple[str, str]:
+    """(last user turn, last assistant turn) of one conversation: what exact match is measured on (notebook 06)."""
+    users = [m["content"] for m in messages if m["role"] == "user"]
+    return users[-1].strip(), messages[-1]["content"].strip()
+
+
 def question_answer_pairs(dataset, shape: str) -> list[tuple[str, str]]:
-    """(last user turn, last assistant turn) of each example: what exact match is measured on (notebook 06)."""
-    pairs = []
-    for example in dataset:
-        messages = conversation(example, shape)
-        if messages is None:
-            continue
-        users = [m["content"] for m in messages if m["role"] == "user"]
-        pairs.append((users[-1].strip(), messages[-1]["content"].strip()))
-    return pairs
+    """``question_answer`` of each example that is a conversation (plain text is not)."""
+    conversations = (conversation(example, shape) for example in dataset)
+    return [question_answer(messages) for messages in conversations if messages is not None]
 
 
 def check_lengths(lengths: list[int], max_length: int) -> int:

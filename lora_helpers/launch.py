@@ -19,7 +19,7 @@ import dataclasses
 import os
 from pathlib import Path
 
-from lora_helpers import files, presets
+from lora_helpers import data, files, presets
 
 
 def world() -> tuple[int, int]:
@@ -154,31 +154,17 @@ def launch_check(processes: int | None):
     """A trainer callback running ``check_launch`` once the trainer knows its world, before the first step."""
     from transformers import TrainerCallback
 
+    from lora_helpers import training
+
     class LaunchCheck(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
-            checkpointing = getattr(args, "activation_checkpointing", None) or getattr(
-                args, "gradient_checkpointing", False
-            )
-            kwargs_name = (
-                "activation_checkpointing_kwargs"
-                if hasattr(args, "activation_checkpointing_kwargs")
-                else "gradient_checkpointing_kwargs"
-            )
-            check_launch(
-                processes,
-                args.world_size,
-                (getattr(args, kwargs_name, None) or {}) if checkpointing else None,
-            )
+            name = training.checkpointing_name()
+            kwargs_in_use = (getattr(args, f"{name}_kwargs", None) or {}) if getattr(args, name) else None
+            check_launch(processes, args.world_size, kwargs_in_use)
 
     return LaunchCheck()
 
 
 def _pairs(dataset) -> list[tuple[str, str]]:
-    """(last question, answer) of each prompt/completion example: notebook 04's split.json, for notebook 06."""
-    if dataset is None:
-        return []
-    pairs = []
-    for example in dataset:
-        users = [m["content"] for m in example["prompt"] if m["role"] == "user"]
-        pairs.append((users[-1].strip(), example["completion"][-1]["content"].strip()))
-    return pairs
+    """Notebook 04's split.json, from the prompt/completion examples, for notebook 06."""
+    return [] if dataset is None else [data.question_answer(ex["prompt"] + ex["completion"]) for ex in dataset]

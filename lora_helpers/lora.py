@@ -95,26 +95,34 @@ def standard_target_choices(model) -> dict[str, list[str]]:
     return choices
 
 
+def read_adapter_config(adapter_dir) -> dict:
+    """``adapter_config.json`` of a saved adapter, or the error that says which notebook writes one."""
+    import json
+    from pathlib import Path
+
+    path = Path(adapter_dir) / "adapter_config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"No adapter in {adapter_dir}: run notebook 04 (training) with this run_dir first.")
+    return json.loads(path.read_text())
+
+
 def check_adapter_matches_base(adapter_dir, model) -> None:
     """Fail with both names when an adapter was trained for a different base model (notebooks 05 and 06).
 
     Also refuses an adapter saved as a pickle (``adapter_model.bin``): the course loads safetensors only.
     """
-    import json
     from pathlib import Path
 
     from safetensors import safe_open
 
     adapter_dir = Path(adapter_dir)
-    if not (adapter_dir / "adapter_config.json").exists():
-        raise FileNotFoundError(f"No adapter in {adapter_dir}: run notebook 04 (training) with this run_dir first.")
+    trained_for = read_adapter_config(adapter_dir).get("base_model_name_or_path")
     weights = adapter_dir / "adapter_model.safetensors"
     if not weights.exists():
         raise FileNotFoundError(
             f"{adapter_dir} has no adapter_model.safetensors. The course loads safetensors only: a pickled "
             ".bin file can run code when it is loaded. Re-save the adapter with save_pretrained()."
         )
-    trained_for = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
     prefix = "base_model.model."
     layers = {name.removeprefix(prefix): module for name, module in linear_layers(model).items()}
     with safe_open(weights, "pt") as f:
@@ -147,9 +155,7 @@ def check_adapter_matches_settings(adapter_dir, settings) -> None:
     from lora_helpers import models
 
     adapter_dir = Path(adapter_dir)
-    if not (adapter_dir / "adapter_config.json").exists():
-        raise FileNotFoundError(f"No adapter in {adapter_dir}: run notebook 04 (training) with this run_dir first.")
-    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    config = read_adapter_config(adapter_dir)
     problems = []
     if config.get("r") != settings.lora_r:
         problems.append(f"r={config.get('r')} (run_config.json: lora_r={settings.lora_r})")

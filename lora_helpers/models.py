@@ -7,6 +7,7 @@ functions so that every notebook loads the same way.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from pathlib import Path
@@ -88,6 +89,18 @@ def explain_load_error(model_id: str, error: Exception) -> Exception:
     return error
 
 
+@contextlib.contextmanager
+def load_errors_explained(model_id: str):
+    """Re-raise a load's error as ``explain_load_error`` words it, from the original; unknown errors unchanged."""
+    try:
+        yield
+    except Exception as error:
+        explained = explain_load_error(model_id, error)
+        if explained is error:
+            raise
+        raise explained from error
+
+
 def warn_remote_code(model_id: str, trust_remote_code: bool) -> bool:
     """Say so when a model's own Python code will run; it is off unless asked for."""
     if trust_remote_code:
@@ -105,15 +118,10 @@ def load_tokenizer(model_id: str, trust_remote_code: bool = False, chat_format: 
     from transformers import AutoTokenizer
 
     path = resolve_model_path(model_id)
-    try:
+    with load_errors_explained(model_id):
         tokenizer = AutoTokenizer.from_pretrained(
             path, token=hub_token(), trust_remote_code=warn_remote_code(model_id, trust_remote_code)
         )
-    except Exception as error:
-        explained = explain_load_error(model_id, error)
-        if explained is error:
-            raise
-        raise explained from error
     chat.choose_pad_token(tokenizer)
     if chat_format is not None:
         chat.use_chat_format(tokenizer, chat_format)
@@ -202,13 +210,8 @@ def load_model(
         kwargs["quantization_config"] = bnb_4bit_config()
     if torch.cuda.is_available():
         kwargs["device_map"] = device_map or {"": 0}
-    try:
+    with load_errors_explained(model_id):
         model = AutoModelForCausalLM.from_pretrained(resolve_model_path(model_id), **kwargs)
-    except Exception as error:
-        explained = explain_load_error(model_id, error)
-        if explained is error:
-            raise
-        raise explained from error
     if load_in_4bit and not torch.cuda.is_available():
         keep_4bit_weights_as_loaded(model)
     return model

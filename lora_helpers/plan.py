@@ -67,13 +67,8 @@ def load_config(model_id: str):
         return LlamaConfig(**shipped_config_values(SHIPPED[model_id]))
     from lora_helpers import models
 
-    try:
+    with models.load_errors_explained(model_id):
         return AutoConfig.from_pretrained(models.resolve_model_path(model_id))
-    except Exception as error:
-        explained = models.explain_load_error(model_id, error)
-        if explained is error:
-            raise
-        raise explained from error
 
 
 def meta_model(config):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from lora_helpers import data, device, files
+from lora_helpers import data, device, files, launch
 
 
 def precision_flags() -> dict:
@@ -41,14 +41,18 @@ def checkpointing(enabled: bool) -> dict:
     until 6.0, with a warning); ``requirements.txt`` allows versions from before the rename. ``use_reentrant=False``
     is the implementation that works through frozen 4-bit layers. Notebook 04 explains it.
     """
+    name = checkpointing_name()
+    return {name: enabled, f"{name}_kwargs": {"use_reentrant": False}}
+
+
+def checkpointing_name() -> str:
+    """``activation_checkpointing`` from transformers 5.24 on, ``gradient_checkpointing`` before."""
     import dataclasses
 
     from transformers import TrainingArguments
 
     name = "activation_checkpointing"
-    if name not in {f.name for f in dataclasses.fields(TrainingArguments)}:
-        name = "gradient_checkpointing"
-    return {name: enabled, f"{name}_kwargs": {"use_reentrant": False}}
+    return name if name in {f.name for f in dataclasses.fields(TrainingArguments)} else "gradient_checkpointing"
 
 
 def pin_memory() -> bool:
@@ -194,7 +198,6 @@ def remove_incomplete_checkpoints(checkpoint_dir) -> list[str]:
     """Remove checkpoints whose save was cut off (a session killed while saving): the trainer writes
     ``trainer_state.json`` last, so a checkpoint without it is incomplete and cannot be resumed from."""
     import shutil
-    from pathlib import Path
 
     removed = []
     for checkpoint in sorted(Path(checkpoint_dir).glob("checkpoint-*")):
@@ -205,15 +208,17 @@ def remove_incomplete_checkpoints(checkpoint_dir) -> list[str]:
     return removed
 
 
+def last_complete_checkpoint(checkpoint_dir) -> str | None:
+    """The checkpoint of the highest step that holds ``trainer_state.json`` (written last), if any."""
+    complete = [p.parent for p in Path(checkpoint_dir).glob("checkpoint-*/trainer_state.json")]
+    return str(max(complete, key=lambda p: int(p.name.split("-")[-1]))) if complete else None
+
+
 def prepare_checkpoints(checkpoint_dir, resume: bool, overwrite: bool):
     """What to pass as ``resume_from_checkpoint``; refuse to mix a new run with an interrupted one's checkpoints."""
-    from pathlib import Path
-
-    from transformers.trainer_utils import get_last_checkpoint
-
     checkpoint_dir = Path(checkpoint_dir)
     remove_incomplete_checkpoints(checkpoint_dir)
-    last = get_last_checkpoint(str(checkpoint_dir)) if checkpoint_dir.is_dir() else None
+    last = last_complete_checkpoint(checkpoint_dir)
     if resume:
         if last is None:
             print(f"resume=True, but there is no checkpoint in {checkpoint_dir}: starting from the beginning.")
@@ -330,13 +335,10 @@ def train_adapter(
     from lora_helpers import models
 
     checkpoint_dir = checkpoint_dir or f"{output_dir}-checkpoints"
-    if _main_process():
+    if launch.world()[0] == 0:
         resume_from = prepare_checkpoints(checkpoint_dir, resume, overwrite)
     else:  # the main process alone removes or refuses; the others only find the checkpoint to resume from
-        complete = sorted(
-            Path(checkpoint_dir).glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name.split("-")[1])
-        )
-        resume_from = str(complete[-1].parent) if resume and complete else None
+        resume_from = last_complete_checkpoint(checkpoint_dir) if resume else None
     set_seed(settings.seed)
     tokenizer = models.load_tokenizer(settings.model_id, settings.trust_remote_code, settings.chat_format)
     model = lora_model(settings, adapter_name, tokenizer=tokenizer)
@@ -365,10 +367,3 @@ def train_adapter(
             if saved_with is not None:
                 files.write_json(Path(tmp) / "run_config.json", saved_with)
     return trainer
-
-
-def _main_process() -> bool:
-    """Rank 0 of a torchrun / accelerate launch, or a single process: the one that may change files."""
-    import os
-
-    return os.environ.get("RANK", "0") == "0"

@@ -110,7 +110,7 @@ def test_bad_values_fail_before_notebook_01(tmp_path):
         with pytest.raises(ValueError, match=expected):
             course.run_course("tiny", run_dir, params=params)
     assert not run_dir.exists()
-    assert course.CHOICES["merge_mode"] == merge.MERGE_MODES
+    assert course.choices()["merge_mode"] == merge.MERGE_MODES
 
 
 def test_a_failed_overwrite_leaves_the_previous_run_whole(finished, tmp_path):
