@@ -204,6 +204,7 @@ def plan(settings, compute_bytes: int = 2, gpu: bool = True, num_gpus: int = 1, 
         "effective_batch": settings.per_device_train_batch_size * settings.gradient_accumulation_steps * num_gpus,
         "model_id": settings.model_id,
         "parameters": total,
+        "quantizable": quantizable,
         "trainable": trainable,
         "trainable_share_%": 100 * trainable / total,
         "targets": targets,
@@ -265,7 +266,9 @@ def plan_for_preset(name: str, num_gpus: int = 1, strategy: str = "ddp", **overr
     """``python -m lora_helpers plan``: the training plan of a preset on a GPU (per GPU on ``num_gpus``), and
     each notebook's peaks on one GPU."""
     settings = presets.resolve_settings(name, **overrides)
-    return {**plan(settings, num_gpus=int(num_gpus), strategy=strategy), "notebooks": notebook_memory(settings)}
+    result = plan(settings, num_gpus=int(num_gpus), strategy=strategy)
+    one_gpu = result if int(num_gpus) == 1 else None  # the notebooks run on one GPU
+    return {**result, "notebooks": notebook_memory(settings, training=one_gpu)}
 
 
 # Host memory of a notebook's Python process before any model: torch, CUDA's libraries and the course's imports
@@ -285,19 +288,18 @@ NOTEBOOK_STEPS = {
 }
 
 
-def notebook_memory(settings, compute_bytes: int = 2, gpu: bool = True) -> dict:
+def notebook_memory(settings, compute_bytes: int = 2, gpu: bool = True, training: dict | None = None) -> dict:
     """Estimated peak GPU memory and peak private host memory (GB) of each notebook, for these settings.
 
     GPU: notebook 02/03 hold the 4-bit model; 04 trains (``plan``); 05 holds one model at a time, the largest
     being the merged 16-bit model; 06 the largest of the 4-bit model, a second training and the merged model.
     Host: the process itself (``HOST_BASE_GB``), plus one 2 GB shard while notebook 05 saves. Weights are read
     from memory-mapped safetensors files: those pages count in the resident set but are dropped when memory is
-    short, so they are not counted. On a CPU the GPU's share is host memory too.
+    short, so they are not counted. On a CPU the GPU's share is host memory too. ``training``: this ``plan``
+    (same settings, compute bytes and device), when the caller has it already.
     """
-    training = plan(settings, compute_bytes, gpu)
-    config = load_config(settings.model_id)
-    model = meta_model(config)
-    total, quantizable = lora.base_parameter_count(model), quantizable_parameter_count(model)
+    training = training or plan(settings, compute_bytes, gpu)
+    total, quantizable = training["parameters"], training["quantizable"]
     # Holding a model to run it (no training) costs its weights and a little more: CUDA context, generation's
     # cache and logits (measured on the Llama-2-7B shape: 16-bit 12.55 GB of weights, 12.79 GB reserved).
     overhead = (lambda gb: 0.3 + 1.02 * gb) if gpu else (lambda gb: gb)
@@ -348,7 +350,7 @@ def check_notebook(settings, notebook: str) -> str:
         )
     else:
         lines.append(f"this machine (CPU): {ram_gb:.1f} GB of RAM available -> " + verdict(need, notebook, 0.0, ram_gb))
-    t4 = notebook_memory(settings, 2, True)[notebook]
+    t4 = need if gpu else notebook_memory(settings, 2, True)[notebook]  # on a GPU: the same estimate
     lines.append(
         f"on a Colab T4 ({T4_GPU_GB} GB for PyTorch, {T4_HOST_RAM_GB} GB of RAM): "
         + verdict(t4, notebook, T4_GPU_GB, T4_HOST_RAM_GB)
