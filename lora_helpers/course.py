@@ -339,7 +339,7 @@ def _run_notebooks(preset, run_dir, notebooks, declared, params, overwrite, rehe
             if kernel_log.exists() and kernel_log.stat().st_size:
                 hint += f"What the kernel process itself printed is in {kernel_log}.\n"
             if kind == "DeadKernelError":
-                hint = (
+                hint += (
                     "The notebook's Python process died, most often for lack of host memory (the system killed it): "
                     "see each notebook's peak in summary.json and `python -m lora_helpers plan`.\n"
                 )

@@ -363,13 +363,13 @@ def verdict(need: dict, notebook: str, gpu_gb: float, ram_gb: float) -> str:
     puts what does not fit on the GPU in host RAM (slower, but it runs)."""
     spill = max(0.0, need["gpu_gb"] - gpu_gb) if gpu_gb else 0.0
     if spill and notebook not in ("05", "06"):
-        return "probably does NOT fit: " + "; ".join(t4_advice(need, notebook))
+        return "probably does NOT fit: " + "; ".join(t4_advice(notebook))
     if need["host_gb"] + spill > ram_gb:
-        return "probably does NOT fit in RAM: " + "; ".join(t4_advice(need, notebook))
+        return "probably does NOT fit in RAM: " + "; ".join(t4_advice(notebook))
     return f"fits, with {spill:.1f} GB placed in RAM by device_map='auto'" if spill else "fits"
 
 
-def t4_advice(need: dict, notebook: str) -> list[str]:
+def t4_advice(notebook: str) -> list[str]:
     """What to change when notebook ``notebook`` does not fit."""
     if notebook in ("04", "06"):
         return [

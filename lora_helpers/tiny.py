@@ -439,7 +439,8 @@ def real_size_name(model_id: str) -> str:
     if name not in REAL_SIZE_FAMILY:
         raise ValueError(
             f"No random-weight twin of {model_id!r}: --random-weights knows the presets' models "
-            f"({', '.join(sorted(plan.SHIPPED))}) and the shapes {', '.join(REAL_SIZE_FAMILY)}."
+            f"({', '.join(sorted(m for m, shape in plan.SHIPPED.items() if shape in REAL_SIZE_FAMILY))}) and the "
+            f"shapes {', '.join(REAL_SIZE_FAMILY)}."
         )
     return name
 
