@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lora_helpers import lora, presets
+from lora_helpers import device, lora, presets
 
 # NF4 with double quantization: a 4-bit code per weight, an 8-bit absmax per block of 64
 # weights, and an fp32 scale per 256 of those absmaxes (QLoRA paper, section 3).
@@ -276,7 +276,7 @@ def plan_for_preset(name: str, num_gpus: int = 1, strategy: str = "ddp", **overr
 HOST_BASE_GB = {True: 3.0, False: 0.5}
 SHARD_GB = 2.0  # notebook 05 saves the merged model in 2 GB shards, each passing through host memory once
 T4_GPU_GB = 14.3  # what PyTorch may use on a T4 (device.T4_TOTAL_BYTES less CUDA's context)
-T4_HOST_RAM_GB = 12.7
+T4_HOST_RAM_GB = device.T4_HOST_RAM_GB
 
 NOTEBOOK_STEPS = {
     "01": "no model",
@@ -335,8 +335,6 @@ def check_notebook(settings, notebook: str) -> str:
     """
     import psutil
     import torch
-
-    from lora_helpers import device
 
     gpu = torch.cuda.is_available()
     need = notebook_memory(settings, 2 if gpu else 4, gpu)[notebook]
