@@ -44,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
         "--processes", type=int, default=None, help="how many processes the launcher should have started (checked)"
     )
     trainer.add_argument(
+        "--rehearse-t4", action="store_true", help="on bigger GPUs, every process behaves like a Colab T4 (notebook 01)"
+    )
+    trainer.add_argument(
         "-p", "--parameter", action="append", default=[], metavar="NAME=VALUE", help="a setting, e.g. -p lora_r=8"
     )
 
@@ -114,7 +117,12 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             log = launch.train(
-                args.preset, args.run_dir, runner.parse_parameters(args.parameter), args.overwrite, args.processes
+                args.preset,
+                args.run_dir,
+                runner.parse_parameters(args.parameter),
+                args.overwrite,
+                args.processes,
+                args.rehearse_t4,
             )
         except (ValueError, TypeError, OSError, RuntimeError) as error:
             print(f"\nerror: {error}", file=sys.stderr)

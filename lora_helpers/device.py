@@ -38,9 +38,10 @@ def rehearse_t4() -> str:
     os.environ[REHEARSAL_ENV] = "1"  # compute_dtype() and attention_implementation() read it, here and in children
     if not torch.cuda.is_available():
         return "T4 rehearsal: no CUDA GPU here, so only the T4's settings apply (fp16 is used on GPUs only)"
-    total = torch.cuda.get_device_properties(0).total_memory
+    index = torch.cuda.current_device()  # GPU 0, or this process's own GPU under torchrun (launch.train)
+    total = torch.cuda.get_device_properties(index).total_memory
     fraction = min(1.0, (T4_TOTAL_BYTES - T4_CONTEXT_BYTES) / total)
-    torch.cuda.set_per_process_memory_fraction(fraction, 0)
+    torch.cuda.set_per_process_memory_fraction(fraction, index)
     return (
         f"T4 rehearsal on {torch.cuda.get_device_name()}: PyTorch may use {fraction * total / 2**30:.2f} GiB of "
         f"{total / 2**30:.0f} GiB, fp16 compute, SDPA attention"

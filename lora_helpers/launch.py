@@ -5,21 +5,28 @@ that a launcher can start it once per GPU::
 
     torchrun --standalone --nproc_per_node 2 -m lora_helpers train --preset llama2-7b-guanaco --processes 2
     accelerate launch --multi_gpu --num_processes 2 -m lora_helpers train --preset llama2-7b-guanaco --processes 2
+    accelerate launch --config_file lora_helpers/configs/accelerate/fsdp_qlora.yaml -m lora_helpers train ...
 
 Each process holds a whole copy of the 4-bit model on its own device and trains on its own share of every batch;
 DDP averages the adapters' gradients across processes after each backward pass, so every copy stays the same
 (data parallelism). The effective batch is ``per_device_train_batch_size x gradient_accumulation_steps x
 processes``. Only the main process (rank 0) writes ``run_dir``, in notebook 04's layout, so notebooks 05 and 06
-continue from it. On CPUs (the course's rehearsal in CI) the processes talk through gloo.
+continue from it. On CPUs (the course's rehearsal in CI) the processes talk through gloo. With an FSDP
+configuration each process holds a shard of every weight instead of a copy (``sharding`` shows it on CPUs).
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
+import shlex
+import subprocess
 from pathlib import Path
 
 from lora_helpers import data, files, presets
+
+ACCELERATE_CONFIGS = Path(__file__).parent / "configs" / "accelerate"  # ddp.yaml, fsdp_qlora.yaml (notebook 07)
 
 
 def world() -> tuple[int, int]:
@@ -49,8 +56,19 @@ def check_launch(expected: int | None, trainer_world_size: int, checkpointing_kw
     - torchrun starting two processes whose trainers each see a world of one: two separate trainings that write
       the same files (on a CPU without ``use_cpu=True``).
     - gradient checkpointing with ``use_reentrant=True`` under DDP: "Expected to mark a variable ready only once".
+    - an FSDP configuration on CPUs, which accelerate turns into plain DDP.
     """
+    import torch
+
+    from lora_helpers import models
+
     _, launched = world()
+    if models.fsdp_launched() and not torch.cuda.is_available():
+        raise RuntimeError(
+            "accelerate launch with an FSDP configuration, on CPUs: accelerate would quietly train plain DDP "
+            "(whole copies, nothing sharded). FSDP through the trainer needs CUDA GPUs; to watch FSDP shard a 4-bit "
+            "model on CPUs, run `torchrun --standalone --nproc_per_node 2 -m lora_helpers.sharding --out fsdp.json`."
+        )
     if expected is not None and launched != expected:
         raise RuntimeError(
             f"--processes {expected}, but {launched} process(es) started. `accelerate launch --cpu` starts one "
@@ -81,10 +99,20 @@ def train(
     params: dict | None = None,
     overwrite: bool = False,
     processes: int | None = None,
+    rehearse_t4: bool = False,
 ) -> dict:
-    """Notebook 04's training as a command; returns (and on rank 0 writes) ``training_log.json``'s content."""
-    from lora_helpers import plots, training
+    """Notebook 04's training as a command; returns (and on rank 0 writes) ``training_log.json``'s content.
 
+    ``rehearse_t4``: each process behaves like a Colab T4 on its own GPU (``device.rehearse_t4``).
+    """
+    import datasets
+    import torch
+    import transformers
+
+    from lora_helpers import device, models, plots, training
+
+    datasets.disable_progress_bars()  # N processes drawing bars on one terminal: rank 0 prints lines instead
+    transformers.utils.logging.disable_progress_bar()
     params = dict(params or {})
     resume = bool(params.pop("resume", False))
     unknown = set(params) - set(presets.SETTING_NAMES)
@@ -94,6 +122,12 @@ def train(
     run_dir = Path(run_dir or f"runs/{preset}").expanduser().resolve()
     rank, world_size = world()
     check_launch(processes, world_size)  # the launcher's count, before any model is loaded
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # this process's GPU, before anything uses one
+    if rehearse_t4:
+        message = device.rehearse_t4()
+        if rank == 0:
+            print(message, flush=True)
     lock = None
     if rank == 0:
         files.refuse_to_overwrite(run_dir, overwrite)  # resume continues a run that has no adapter yet
@@ -106,9 +140,10 @@ def train(
             resume=resume,
             overwrite=overwrite,
             checkpoint_dir=str(run_dir / "checkpoints"),
-            extra_args=ddp_arguments(world_size),
             saved_with=run_config,
             callbacks=[launch_check(processes)],
+            extra_args={**ddp_arguments(world_size), "disable_tqdm": True},
+            progress=progress_lines(),
         )
         checksums = replica_checksums(trainer.model)
         history = trainer.state.log_history
@@ -116,6 +151,7 @@ def train(
         log = {
             "trainer_route": "sft",
             "world_size": trainer.args.world_size,
+            "strategy": "fsdp" if models.fsdp_launched() else ("ddp" if trainer.args.world_size > 1 else "single"),
             "effective_batch": settings.per_device_train_batch_size
             * settings.gradient_accumulation_steps
             * trainer.args.world_size,
@@ -168,3 +204,44 @@ def launch_check(processes: int | None):
 def _pairs(dataset) -> list[tuple[str, str]]:
     """Notebook 04's split.json, from the prompt/completion examples, for notebook 06."""
     return [] if dataset is None else [data.question_answer(ex["prompt"] + ex["completion"]) for ex in dataset]
+
+
+def progress_lines():
+    """A trainer callback printing one line per log, on the main process only: step, epoch, train and eval loss.
+
+    Several processes drawing progress bars on one terminal (or one notebook cell) interleave into noise."""
+    from transformers import TrainerCallback
+
+    class ProgressLines(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            losses = [f"{name} {logs[name]:.4f}" for name in ("loss", "eval_loss") if name in (logs or {})]
+            if state.is_world_process_zero and losses:
+                print(
+                    f"step {state.global_step}/{state.max_steps}, epoch {state.epoch:.2f}: {', '.join(losses)}",
+                    flush=True,
+                )
+
+    return ProgressLines()
+
+
+def run(command: list[str]) -> None:
+    """Run a launcher (torchrun, accelerate launch) from a notebook cell, printing its output as it comes.
+
+    The processes it starts are new ones: nothing this kernel did (a GPU already in use, bitsandbytes imported)
+    reaches them, which ``accelerate.notebook_launcher`` requires of the kernel it forks. A failure raises with
+    the last lines of output; interrupting the cell stops the processes.
+    """
+    print("$", shlex.join(command), flush=True)
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}  # torchrun's default, unwarned
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    last = collections.deque(maxlen=30)
+    try:
+        for line in process.stdout:
+            print(line, end="", flush=True)
+            last.append(line)
+    except KeyboardInterrupt:
+        process.terminate()
+        process.wait()
+        raise
+    if process.wait() != 0:
+        raise RuntimeError(f"{command[0]} ... exited with {process.returncode}. Its last lines:\n" + "".join(last))

@@ -157,8 +157,12 @@ def keep_4bit_weights_as_loaded(model) -> int:
     return changed
 
 
-def bnb_4bit_config():
-    """NF4 with double quantization, computing in the device's dtype (notebook 02 writes this out)."""
+def bnb_4bit_config(quant_storage=None):
+    """NF4 with double quantization, computing in the device's dtype (notebook 02 writes this out).
+
+    ``quant_storage``: the float dtype the packed 4-bit weights are stored in, for FSDP (notebook 07); None keeps
+    bitsandbytes' uint8.
+    """
     from transformers import BitsAndBytesConfig
 
     from lora_helpers import device
@@ -168,7 +172,35 @@ def bnb_4bit_config():
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=device.compute_dtype(),
+        **({"bnb_4bit_quant_storage": quant_storage} if quant_storage is not None else {}),
     )
+
+
+def fsdp_launched() -> bool:
+    """Whether ``accelerate launch`` started this process with an FSDP configuration (it sets this variable)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+
+
+def fsdp_storage_dtype():
+    """The one dtype every weight of an FSDP-sharded 4-bit model is stored in (notebook 07).
+
+    FSDP shards floating-point tensors, so the packed 4-bit weights are stored in a float dtype
+    (``bnb_4bit_quant_storage``) and the model's other weights in the same one: bf16 where the GPU computes in
+    bf16; fp32 on a T4, whose fp16 mixed precision needs fp32 weights to stay stable (peft's FSDP-QLoRA guide).
+    """
+    import torch
+
+    from lora_helpers import device
+
+    return torch.bfloat16 if device.compute_dtype() == torch.bfloat16 else torch.float32
+
+
+def process_device_map() -> dict:
+    """One whole model per process, on that process's own GPU: ``{"": LOCAL_RANK}`` (0 for a plain process).
+
+    Under DDP every process loads its own copy; without this all of them would load onto GPU 0 (notebook 07).
+    """
+    return {"": int(os.environ.get("LOCAL_RANK", "0"))}
 
 
 def load_model(
@@ -178,13 +210,16 @@ def load_model(
     device_map=None,
     trust_remote_code: bool = False,
     attn_implementation: str | None = "auto",
+    quant_storage=None,
 ):
     """A causal LM, in 4-bit NF4 (QLoRA) or unquantized in ``dtype`` (default: the device's compute dtype).
 
     Attention: ``"auto"`` is ``device.attention_implementation()``; ``None`` leaves transformers' default.
 
-    On a GPU the whole model goes to GPU 0 unless ``device_map`` says otherwise
-    (notebook 05 passes "auto" so a 16-bit 7B model may spill to CPU memory on a T4).
+    On a GPU the whole model goes to this process's GPU (``process_device_map``: GPU 0, or each DDP process's
+    own) unless ``device_map`` says otherwise (notebook 05 passes "auto" so a 16-bit 7B model may spill to CPU
+    memory on a T4). Under ``accelerate launch`` with FSDP, the weights are stored in ``fsdp_storage_dtype()``
+    and accelerate places them (no ``device_map``); ``quant_storage`` asks for that storage explicitly.
     Weights are read from safetensors only: a pickled ``.bin`` file can run code when it is loaded.
     """
     import torch
@@ -192,7 +227,10 @@ def load_model(
 
     from lora_helpers import device
 
-    dtype = dtype or device.compute_dtype()
+    fsdp = fsdp_launched()
+    if fsdp and load_in_4bit:
+        quant_storage = quant_storage or fsdp_storage_dtype()
+    dtype = quant_storage or dtype or device.compute_dtype()  # FSDP: one dtype for every weight
     kwargs = {
         "dtype": dtype,
         "token": hub_token(),
@@ -207,9 +245,9 @@ def load_model(
         works, message = device.check_4bit()
         if not works:
             raise RuntimeError(message)
-        kwargs["quantization_config"] = bnb_4bit_config()
-    if torch.cuda.is_available():
-        kwargs["device_map"] = device_map or {"": 0}
+        kwargs["quantization_config"] = bnb_4bit_config(quant_storage)
+    if torch.cuda.is_available() and not fsdp:
+        kwargs["device_map"] = device_map or process_device_map()
     with load_errors_explained(model_id):
         model = AutoModelForCausalLM.from_pretrained(resolve_model_path(model_id), **kwargs)
     if load_in_4bit and not torch.cuda.is_available():

@@ -279,11 +279,20 @@ def unsloth_route(requested: bool) -> tuple[bool, str]:
     return True, "route: Unsloth (FastLanguageModel), with the same LoRA and training settings"
 
 
-def lora_model(settings, adapter_name: str = "default", attn_implementation: str | None = "auto", tokenizer=None):
+def lora_model(
+    settings,
+    adapter_name: str = "default",
+    attn_implementation: str | None = "auto",
+    tokenizer=None,
+    quant_storage=None,
+):
     """Notebook 04's model: the base (in NF4 when ``load_in_4bit``), prepared for k-bit training, with adapters.
 
-    Used by ``train_adapter`` and the benchmark; ``attn_implementation`` as in ``models.load_model``. With a
-    ``tokenizer`` that had to add a pad token, the embeddings grow to fit it (``models.match_vocabulary``).
+    Used by ``train_adapter``, the benchmark and ``sharding``; ``attn_implementation`` and ``quant_storage`` as in
+    ``models.load_model``. With a ``tokenizer`` that had to add a pad token, the embeddings grow to fit it
+    (``models.match_vocabulary``). For FSDP (a float ``quant_storage``, or ``accelerate launch`` with an FSDP
+    configuration) every weight stays in the storage dtype, as trl does for sharded QLoRA: FSDP gathers a block's
+    weights in one dtype, and ``prepare_model_for_kbit_training`` would upcast some of them to fp32.
     """
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
@@ -294,12 +303,16 @@ def lora_model(settings, adapter_name: str = "default", attn_implementation: str
         settings.load_in_4bit,
         trust_remote_code=settings.trust_remote_code,
         attn_implementation=attn_implementation,
+        quant_storage=quant_storage,
     )
     if tokenizer is not None:
         models.match_vocabulary(model, tokenizer)
-    if settings.load_in_4bit:
+    sharded = quant_storage is not None or models.fsdp_launched()
+    if settings.load_in_4bit and not sharded:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=settings.gradient_checkpointing)
         embeddings_in_compute_dtype(model)
+    elif settings.load_in_4bit and settings.gradient_checkpointing:  # trl's choice for sharded QLoRA too: no fp32
+        model.enable_input_require_grads()  # upcast, which would break FSDP's one dtype per block
     config = LoraConfig(
         r=settings.lora_r,
         lora_alpha=settings.lora_alpha,
@@ -321,15 +334,19 @@ def train_adapter(
     checkpoint_dir: str | None = None,
     extra_args: dict | None = None,
     saved_with: dict | None = None,
+    progress=None,
 ):
     """Train one LoRA adapter with the notebook-04 recipe and save it to ``output_dir``. Returns the trainer.
 
     Checkpoints go to ``checkpoint_dir`` (default ``OUTPUT_DIR-checkpoints``) after every epoch; ``resume=True``
     continues from the last one. ``extra_args`` go to ``SFTConfig`` (``launch.ddp_arguments`` for several
     processes). Under several processes only the main one saves; ``saved_with`` is written beside the adapter as
-    ``run_config.json`` (notebook 04 does the same).
+    ``run_config.json`` (notebook 04 does the same). ``progress``: a callback that replaces the trainer's progress
+    bar (``launch.ProgressLines``). Under ``accelerate launch`` with FSDP the adapters keep the storage dtype
+    (``lora_model``) and every process takes part in saving.
     """
-    from transformers import EarlyStoppingCallback, set_seed
+    from transformers import EarlyStoppingCallback, PrinterCallback, ProgressCallback, set_seed
+    from transformers.utils.notebook import NotebookProgressCallback
     from trl import SFTTrainer
 
     from lora_helpers import models
@@ -342,6 +359,7 @@ def train_adapter(
     set_seed(settings.seed)
     tokenizer = models.load_tokenizer(settings.model_id, settings.trust_remote_code, settings.chat_format)
     model = lora_model(settings, adapter_name, tokenizer=tokenizer)
+    sharded = models.fsdp_launched()  # accelerate launch with an FSDP configuration (notebook 07)
     train, evaluation, _, _ = prepare_datasets(settings, tokenizer)
     early_stopping = bool(settings.early_stopping_patience and evaluation is not None)
     args = sft_config(settings, checkpoint_dir, evaluation is not None, **(extra_args or {}))
@@ -357,12 +375,19 @@ def train_adapter(
         callbacks=callbacks,
     )
     trainer.prompt_completion = {"train": train, "eval": evaluation}  # before the trainer's tokenization (split.json)
-    adapter_weights_to_float32(trainer.model)
+    if progress is not None:  # one line per log instead of a progress bar (the trainer picks one of these three)
+        for bar in (PrinterCallback, ProgressCallback, NotebookProgressCallback):
+            trainer.remove_callback(bar)
+        trainer.add_callback(progress)
+    if not sharded:
+        adapter_weights_to_float32(trainer.model)
     with explain_oom(settings):
         trainer.train(resume_from_checkpoint=resume_from)
+    # Under FSDP each process holds a shard of every weight: all of them take part in gathering the whole adapter.
+    state_dict = trainer.accelerator.get_state_dict(trainer.model) if sharded else None
     if trainer.is_world_process_zero():
         with files.atomic_dir(output_dir) as tmp:
-            model.save_pretrained(tmp)
+            model.save_pretrained(tmp, state_dict=state_dict)
             tokenizer.save_pretrained(tmp)
             if saved_with is not None:
                 files.write_json(Path(tmp) / "run_config.json", saved_with)

@@ -101,3 +101,68 @@ def test_the_silent_traps_are_named(monkeypatch):
     launch.check_launch(2, 2, None)  # no gradient checkpointing
     assert launch.ddp_arguments(2) == {"ddp_find_unused_parameters": False, "use_cpu": True, "ddp_backend": "gloo"}
     assert launch.ddp_arguments(1) == {}
+
+
+def test_two_machines_meet_by_rendezvous(tmp_path):
+    """The several-machines command (torchrun's c10d rendezvous, as the SLURM script runs it), rehearsed with two
+    'machines' of one process each on this one: one training of world size 2, written once."""
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1"]
+    command += ["--rdzv_backend", "c10d", "--rdzv_endpoint", "localhost:29541", "--rdzv_id", "two-machines"]
+    command += ["-m", "lora_helpers", "train", "--preset", "tiny", "--run-dir", str(run_dir), "--processes", "2"]
+    command += ["-p", "num_train_epochs=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    machines = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)]
+    machines.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env))
+    outputs = [machine.communicate(timeout=600)[0] for machine in machines]
+    assert [machine.returncode for machine in machines] == [0, 0], outputs
+    log = json.loads((run_dir / "training_log.json").read_text())
+    assert log["world_size"] == 2 and log["strategy"] == "ddp" and len(set(log["replica_checksums"])) == 1
+    assert sum("trained on 2 process(es)" in output for output in outputs) == 1  # rank 0 alone reports and writes
+
+
+def test_the_slurm_script_runs_torchrun_with_a_rendezvous():
+    script = launch.ACCELERATE_CONFIGS.parent / "slurm" / "train.sbatch"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    text = script.read_text()
+    for part in ("#SBATCH --nodes=2", "srun torchrun", "--rdzv_backend c10d", '--rdzv_endpoint "$HEAD_NODE:29500"'):
+        assert part in text, part
+    assert "--processes $((SLURM_NNODES * GPUS_PER_NODE))" in text  # the count check spans the machines
+
+
+def accelerate_launch_environment(config_file) -> tuple[dict, object]:
+    """What `accelerate launch --config_file F` puts in each process's environment, and its parsed arguments."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    arguments = launch_command_parser().parse_args(["--config_file", str(config_file), "-m", "lora_helpers", "train"])
+    arguments, _, _ = _validate_launch_command(arguments)
+    return prepare_multi_gpu_env(arguments), arguments
+
+
+def test_the_shipped_fsdp_config_gives_fsdp2_qlora_settings(monkeypatch):
+    from accelerate import FullyShardedDataParallelPlugin
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    env, arguments = accelerate_launch_environment(launch.ACCELERATE_CONFIGS / "fsdp_qlora.yaml")
+    assert arguments.use_fsdp and arguments.num_processes == 2
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    plugin = FullyShardedDataParallelPlugin()
+    assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is True
+    assert plugin.auto_wrap_policy is transformer_auto_wrap_policy  # one unit per decoder layer
+    assert plugin.cpu_ram_efficient_loading is True and plugin.activation_checkpointing is False
+    assert plugin.state_dict_type.name == "FULL_STATE_DICT" and plugin.cpu_offload.__class__.__name__ == "OffloadPolicy"
+    from lora_helpers import models
+
+    assert models.fsdp_launched() and models.fsdp_storage_dtype() == torch.float32  # fp32 on a CPU and on a T4
+    with pytest.raises(RuntimeError, match="accelerate would quietly train plain DDP"):
+        launch.check_launch(None, 1)  # FSDP on CPUs, named before any model loads
+
+
+def test_the_shipped_ddp_config_starts_one_process_per_gpu():
+    env, arguments = accelerate_launch_environment(launch.ACCELERATE_CONFIGS / "ddp.yaml")
+    assert arguments.multi_gpu and arguments.num_processes == 2 and not arguments.use_fsdp
+    assert (
+        "ACCELERATE_USE_FSDP" not in env and env["ACCELERATE_MIXED_PRECISION"] == "no"
+    )  # the trainer chooses fp16/bf16

@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from lora_helpers import models
 
@@ -82,3 +83,19 @@ def test_other_errors_keep_their_own_type_and_message(monkeypatch, tiny_dir):
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", broken)
     with pytest.raises(RuntimeError, match="something the course does not know about"):
         models.load_model("tiny", load_in_4bit=False)
+
+
+def test_each_process_loads_onto_its_own_gpu(monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert models.process_device_map() == {"": 1}  # torchrun's second process on a machine: GPU 1, not GPU 0
+    monkeypatch.delenv("LOCAL_RANK")
+    assert models.process_device_map() == {"": 0}
+
+
+def test_under_an_fsdp_launch_4bit_weights_are_stored_in_one_float_dtype(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    model = models.load_model("tiny", load_in_4bit=True)
+    assert model.config.quantization_config.bnb_4bit_quant_storage == torch.float32
+    assert {parameter.dtype for parameter in model.parameters()} == {torch.float32}  # FSDP gathers one dtype
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    assert torch.uint8 in {parameter.dtype for parameter in models.load_model("tiny", load_in_4bit=True).parameters()}
