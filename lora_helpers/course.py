@@ -1,7 +1,7 @@
 """The course runner: execute the notebooks in order with papermill and summarise the run.
 
 ``python -m lora_helpers course --preset tiny`` (or the ``lora-course`` command)
-runs 01 to 06, writes executed copies to ``run_dir/notebooks/``, stops at the
+runs 01 to 07, writes executed copies to ``run_dir/notebooks/``, stops at the
 first failing notebook naming the cell and the error, and writes
 ``run_dir/summary.json``. The README's "Run the course" section explains it.
 """

@@ -125,9 +125,12 @@ def rehearse(preset: str = "tiny", steps: int = 8, shard: bool = True) -> dict:
 def main(argv: list[str] | None = None) -> int:
     import torch
     import torch.distributed as dist
+    import transformers
 
     import lora_helpers  # noqa: F401 (its log filters)
     from lora_helpers import launch
+
+    transformers.utils.logging.disable_progress_bar()  # N processes drawing bars on one terminal
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="tiny")
@@ -144,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         result = rehearse(args.preset, args.steps, shard=not args.no_shard)
     finally:
         if dist.is_initialized():
+            dist.barrier()  # every process done with FSDP's collectives before the group goes
             dist.destroy_process_group()
     if rank == 0:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""The whole chain, run as a learner would run it: the course runner executes all six notebooks on `tiny` and on
+"""The whole chain, run as a learner would run it: the course runner executes all seven notebooks on `tiny` and on
 the tiny twins of Llama-2 (SentencePiece, no pad token) and Llama-3 (its template, special tokens, rope, tied
 embeddings), with the same assertions for each family."""
 
@@ -44,7 +44,7 @@ def run(request, tmp_path_factory):
 def test_every_notebook_ran(run):
     run_dir, summary = run
     assert summary["status"] == "ok"
-    assert [nb["name"][:2] for nb in summary["notebooks"]] == ["01", "02", "03", "04", "05", "06"]
+    assert [nb["name"][:2] for nb in summary["notebooks"]] == ["01", "02", "03", "04", "05", "06", "07"]
     for nb in summary["notebooks"]:
         executed = nbformat.read(run_dir / "notebooks" / nb["name"], as_version=4)
         assert executed.metadata.papermill.exception is None or executed.metadata.papermill.exception is False
@@ -278,5 +278,5 @@ def test_options_reach_the_notebooks(run):
         assert summary["final_train_loss"] < 1.0
     if family == "tiny-llama3":
         assert summary["rehearse_t4"] is True
-        for name in ("01", "02", "03", "04", "05", "06"):
+        for name in ("01", "02", "03", "04", "05", "06", "07"):
             assert "T4 rehearsal: no CUDA GPU here" in outputs(run_dir, name), name

@@ -9,7 +9,15 @@ import pytest
 from IPython.core.inputtransformer2 import TransformerManager
 
 NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("[0-9][0-9]_*.ipynb"))
-EXPECTED = ["01_setup", "02_quantized_load", "03_lora_config", "04_sft_training", "05_merge", "06_inference"]
+EXPECTED = [
+    "01_setup",
+    "02_quantized_load",
+    "03_lora_config",
+    "04_sft_training",
+    "05_merge",
+    "06_inference",
+    "07_multi_gpu",
+]
 # Every parameter a test or the README passes with -p, by notebook.
 PASSED = {
     "01_setup": {"preset", "run_dir"},
@@ -26,10 +34,11 @@ PASSED = {
     },
     "05_merge": {"run_dir", "merge_tolerance"},
     "06_inference": {"run_dir"},
+    "07_multi_gpu": {"preset", "run_dir"},
 }
 
 
-def test_the_six_lessons_are_there():
+def test_the_seven_lessons_are_there():
     assert [nb.stem for nb in NOTEBOOKS] == EXPECTED
 
 
