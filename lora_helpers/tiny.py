@@ -326,8 +326,9 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0, name: str = "tiny") -> 
         )
     else:
         raise ValueError(f"Unknown tiny model {name!r}: the course builds {', '.join(TINY_MODELS)}.")
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    with torch.random.fork_rng(devices=[]):  # the caller's random state stays as it was (a seeded run builds tiny
+        torch.manual_seed(seed)  # on first use, and must then initialise its adapters as every later run does)
+        model = LlamaForCausalLM(config)
     model.generation_config = generation
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)

@@ -122,3 +122,12 @@ def test_random_weights_replace_the_presets_model_before_notebook_01(small_real_
     assert summary["parameters"]["model_id"] == str(tiny.real_size_model_dir("llama-2-7b"))
     with pytest.raises(ValueError, match="No random-weight twin of 'gpt2'"):
         tiny.real_size_name("gpt2")
+
+
+def test_building_tiny_leaves_the_callers_random_state_alone(tmp_path):
+    """A seeded run that builds tiny on first use must initialise its adapters as every later run does."""
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    tiny.build_tiny_model(tmp_path / "tiny")
+    assert torch.equal(torch.rand(3), expected)
