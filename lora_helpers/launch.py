@@ -34,6 +34,35 @@ def world() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def local_rank() -> int:
+    """This process's index on its machine (``LOCAL_RANK``), which is the GPU it uses; 0 for a plain process."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def use_own_gpu() -> None:
+    """Make this process's GPU the current CUDA device, before anything uses one (nothing to do without CUDA)."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank())
+
+
+def from_every_process(value) -> list:
+    """``value`` as every process has it, in rank order (all processes must call this); ``[value]`` alone."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def adapter_checksum(weights) -> float:
+    """The sum of |w| over ``weights`` (the LoRA ones): equal numbers mean equal adapters, for all practical ends."""
+    return float(sum(w.detach().double().abs().sum() for w in weights))
+
+
 def ddp_arguments(world_size: int) -> dict:
     """What ``SFTConfig`` needs for DDP with QLoRA: every trainable weight gets a gradient at every step (LoRA
     with gradient checkpointing ``use_reentrant=False``), so DDP must not search for unused ones; on CPUs the
@@ -106,7 +135,6 @@ def train(
     ``rehearse_t4``: each process behaves like a Colab T4 on its own GPU (``device.rehearse_t4``).
     """
     import datasets
-    import torch
     import transformers
 
     from lora_helpers import device, models, plots, training
@@ -122,8 +150,7 @@ def train(
     run_dir = Path(run_dir or f"runs/{preset}").expanduser().resolve()
     rank, world_size = world()
     check_launch(processes, world_size)  # the launcher's count, before any model is loaded
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # this process's GPU, before anything uses one
+    use_own_gpu()  # before the T4 rehearsal caps it, and before the model is loaded onto it
     if rehearse_t4:
         message = device.rehearse_t4()
         if rank == 0:
@@ -175,15 +202,8 @@ def train(
 
 
 def replica_checksums(model) -> list[float]:
-    """The sum of |w| over the trainable (LoRA) weights, on every process: equal when the copies agree."""
-    import torch.distributed as dist
-
-    local = float(sum(p.detach().double().abs().sum() for p in model.parameters() if p.requires_grad))
-    if not (dist.is_available() and dist.is_initialized()):
-        return [local]
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, local)
-    return gathered
+    """Every process's ``adapter_checksum`` of its trainable (LoRA) weights: equal when the copies agree."""
+    return from_every_process(adapter_checksum(p for p in model.parameters() if p.requires_grad))
 
 
 def launch_check(processes: int | None):

@@ -172,7 +172,7 @@ def bnb_4bit_config(quant_storage=None):
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=device.compute_dtype(),
-        **({"bnb_4bit_quant_storage": quant_storage} if quant_storage is not None else {}),
+        bnb_4bit_quant_storage=quant_storage,  # None: uint8
     )
 
 
@@ -200,7 +200,9 @@ def process_device_map() -> dict:
 
     Under DDP every process loads its own copy; without this all of them would load onto GPU 0 (notebook 07).
     """
-    return {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    from lora_helpers import launch
+
+    return {"": launch.local_rank()}
 
 
 def load_model(

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 
@@ -81,7 +80,6 @@ def rehearse(preset: str = "tiny", steps: int = 8, shard: bool = True) -> dict:
     several processes and ``shard``. Every process sees the same batch, so the averaged gradient, the losses and
     the trained adapter equal one process's, while each process holds 1/N of the weights."""
     import torch
-    import torch.distributed as dist
 
     from lora_helpers import launch, models, presets, training
 
@@ -113,12 +111,9 @@ def rehearse(preset: str = "tiny", steps: int = 8, shard: bool = True) -> dict:
         "weight_bytes_per_process": local_weight_bytes(model),
         "weight_bytes_in_model": total_bytes,
         "losses": losses,
-        "adapter_checksum": float(sum(p.detach().double().abs().sum() for p in full)),  # sum of |w|, all LoRA weights
+        "adapter_checksum": launch.adapter_checksum(full),
     }
-    if dist.is_initialized():
-        gathered = [None] * world_size
-        dist.all_gather_object(gathered, result["weight_bytes_per_process"])
-        result["weight_bytes_by_process"] = gathered
+    result["weight_bytes_by_process"] = launch.from_every_process(result["weight_bytes_per_process"])
     return result
 
 
@@ -140,8 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rank, world_size = launch.world()
     if world_size > 1:
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        launch.use_own_gpu()
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     try:
         result = rehearse(args.preset, args.steps, shard=not args.no_shard)

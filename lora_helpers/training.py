@@ -342,7 +342,7 @@ def train_adapter(
     continues from the last one. ``extra_args`` go to ``SFTConfig`` (``launch.ddp_arguments`` for several
     processes). Under several processes only the main one saves; ``saved_with`` is written beside the adapter as
     ``run_config.json`` (notebook 04 does the same). ``progress``: a callback that replaces the trainer's progress
-    bar (``launch.ProgressLines``). Under ``accelerate launch`` with FSDP the adapters keep the storage dtype
+    bar (``launch.progress_lines()``). Under ``accelerate launch`` with FSDP the adapters keep the storage dtype
     (``lora_model``) and every process takes part in saving.
     """
     from transformers import EarlyStoppingCallback, PrinterCallback, ProgressCallback, set_seed
