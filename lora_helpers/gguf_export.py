@@ -97,10 +97,13 @@ def llama3_rope_factors(rope: dict, head_dim: int) -> np.ndarray:
 
 
 def pre_tokenizer_name(tokenizer_json: dict) -> str:
-    """llama.cpp's name for a byte-level BPE tokenizer's splitting rule: "llama-bpe" (Llama-3) or "gpt-2"."""
+    """llama.cpp's name for a byte-level BPE tokenizer's splitting rule: "llama-bpe" (Llama-3), "smollm" (SmolLM2:
+    every digit on its own, then GPT-2's rule) or "gpt-2"."""
     text = json.dumps(tokenizer_json.get("pre_tokenizer"))
     if LLAMA3_SPLIT in text or LLAMA3_SPLIT.replace("'", "\\u0027") in text:
         return "llama-bpe"
+    if '"Digits"' in text and '"individual_digits": true' in text and '"ByteLevel"' in text:
+        return "smollm"
     if '"ByteLevel"' in text:
         return "gpt-2"
     raise ValueError(f"Unknown pre-tokenizer {text[:200]}: use llama.cpp's convert_hf_to_gguf.py for this model.")
@@ -351,35 +354,55 @@ def quantize_gguf(f16_path: str | Path, out_path: str | Path, kind: str = "Q4_K_
     return out_path
 
 
-def ollama_template(tokenizer) -> str:
-    """The model's chat template for one turn, in Ollama's template language (``{{ .System }}``, ``{{ .Prompt }}``).
+SYSTEM_SLOT, PROMPT_SLOT = "\x00SYSTEM\x00", "\x00PROMPT\x00"
 
-    Built from the tokenizer's own template, rendered with placeholders, so Ollama sends the model the text it
-    was trained on whatever the family (Llama-2's ``[INST]``, Llama-3's headers with their date lines, ...).
-    The BOS token is left out: Ollama adds it, as the GGUF file says.
-    """
-    system, prompt = "\x00SYSTEM\x00", "\x00PROMPT\x00"
+
+def _renderings(tokenizer) -> tuple[str, str, int, int]:
+    """One user turn rendered without and with a system prompt (placeholders), and where the two differ."""
     without = tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        [{"role": "user", "content": PROMPT_SLOT}], tokenize=False, add_generation_prompt=True
     )
     with_system = tokenizer.apply_chat_template(
-        [{"role": "system", "content": system}, {"role": "user", "content": prompt}],
+        [{"role": "system", "content": SYSTEM_SLOT}, {"role": "user", "content": PROMPT_SLOT}],
         tokenize=False,
         add_generation_prompt=True,
     )
-    # The part that only a system prompt adds, between what both renderings share at the start and the end.
     start = next((i for i, (a, b) in enumerate(zip(without, with_system)) if a != b), len(without))
     end = 0
     while end < len(without) - start and without[len(without) - 1 - end] == with_system[len(with_system) - 1 - end]:
         end += 1
+    return without, with_system, start, end
+
+
+def default_system_prompt(tokenizer) -> str:
+    """The system prompt the chat template writes when none is given ("" for most families).
+
+    ChatML templates such as SmolLM2's put their own ("You are a helpful AI assistant named SmolLM, ...") in a
+    conversation without a system turn; the model was trained and is asked with it, so Ollama must send it too.
+    """
+    without, with_system, start, end = _renderings(tokenizer)
+    if with_system[start : len(with_system) - end] != SYSTEM_SLOT:
+        return ""
+    return without[start : len(without) - end]
+
+
+def ollama_template(tokenizer) -> str:
+    """The model's chat template for one turn, in Ollama's template language (``{{ .System }}``, ``{{ .Prompt }}``).
+
+    Built from the tokenizer's own template, rendered with placeholders, so Ollama sends the model the text it
+    was trained on whatever the family (Llama-2's ``[INST]``, Llama-3's headers with their date lines, ChatML...).
+    The BOS token is left out: Ollama adds it, as the GGUF file says.
+    """
+    without, with_system, start, end = _renderings(tokenizer)
+    # The part that only a system prompt adds, between what both renderings share at the start and the end.
     middle = with_system[start : len(with_system) - end]
     if not middle:  # the template drops the system prompt
         template = without
-    elif middle == system:  # always there, empty without a system prompt (Llama-3)
+    elif middle == SYSTEM_SLOT:  # always there: empty (Llama-3) or a default (ChatML) without a system prompt
         template = with_system
     else:  # a block only a system prompt adds (Llama-2's <<SYS>>)
         template = with_system[:start] + "{{ if .System }}" + middle + "{{ end }}" + with_system[start + len(middle) :]
-    template = template.replace(system, "{{ .System }}").replace(prompt, "{{ .Prompt }}")
+    template = template.replace(SYSTEM_SLOT, "{{ .System }}").replace(PROMPT_SLOT, "{{ .Prompt }}")
     if tokenizer.bos_token and template.startswith(tokenizer.bos_token) and chat.tokenizer_adds_bos(tokenizer):
         template = template[len(tokenizer.bos_token) :]
     return template
@@ -403,6 +426,7 @@ def write_modelfile(
     eos = eos if isinstance(eos, list) else [eos if eos is not None else tokenizer.eos_token_id]
     stops = list(dict.fromkeys(tokenizer.convert_ids_to_tokens(eos)))
     lines = [f"FROM ./{Path(gguf_path).name}", f'TEMPLATE """{ollama_template(tokenizer)}"""']
+    system_prompt = system_prompt or default_system_prompt(tokenizer)  # the one training used
     if system_prompt:
         lines.append(f'SYSTEM """{system_prompt}"""')
     lines += [f'PARAMETER stop "{s}"' for s in stops]
