@@ -116,6 +116,20 @@ def prompt_and_completion_ids(tokenizer, prompt: list[dict], completion: list[di
     return head, full[len(head) :]
 
 
+def end_of_turn(tokenizer, completion_ids: list[int]) -> tuple[bool, str]:
+    """Does an answer's ids end the turn with EOS, and what does the template write after it? (Notebook 04.)
+
+    Llama-2 and Llama-3 end the answer with the EOS token itself; ChatML (SmolLM2, Qwen) writes a newline after
+    ``<|im_end|>``, which the model also learns but never generates: generation stops at EOS.
+    """
+    eos = tokenizer.eos_token_id
+    if eos not in completion_ids:
+        return False, ""
+    last = len(completion_ids) - 1 - completion_ids[::-1].index(eos)
+    after = tokenizer.decode(completion_ids[last + 1 :])
+    return not after.strip(), after
+
+
 def tokenizer_adds_bos(tokenizer) -> bool:
     """True when ``tokenizer(text)`` puts BOS in front by itself (Llama tokenizers do)."""
     ids = tokenizer("a")["input_ids"]

@@ -20,7 +20,10 @@ def linear_layers(model) -> dict[str, object]:
     for name, module in model.named_modules():
         if not name or name.split(".")[-1] in EXCLUDED:
             continue
+        # bitsandbytes' 4/8-bit layers, and peft's wrappers of a linear layer (``lora.Linear`` over an unquantized
+        # one is no nn.Linear subclass, but it has the layer's in/out features).
         is_linear = isinstance(module, torch.nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt")
+        is_linear = is_linear or isinstance(getattr(module, "base_layer", None), torch.nn.Linear)
         # A peft-wrapped layer holds its original as `.base_layer`: count the wrapper, not the inner one.
         if is_linear and not name.endswith(".base_layer") and ".lora_" not in name:
             found[name] = module
