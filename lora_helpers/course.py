@@ -395,6 +395,11 @@ def write_summary(run_dir: Path, summary: dict, seconds: float) -> dict:
     evaluation = files.read_json(run_dir / ARTIFACTS["eval"])
     if evaluation:
         summary["exact_match"] = {k: evaluation.get(k) for k in ("base", "fine_tuned", "merged")}
+        known = evaluation.get("general_knowledge", {})  # notebook 06: what the model kept of what it knew
+        if known:
+            kept = {k: v["retention"] for k, v in known.items() if v["retention"] is not None}
+            summary["retention"] = kept or None  # None on random weights: the base knew nothing to keep
+            summary["general_text_loss"] = {k: round(v["text_loss"], 3) for k, v in known.items()}
     summary["artifacts"] = {k: str(run_dir / v) for k, v in ARTIFACTS.items() if (run_dir / v).exists()}
     files.write_json(run_dir / "summary.json", summary)
     return summary
@@ -404,7 +409,14 @@ def print_summary(summary: dict, stream=sys.stdout) -> None:
     print(f"\nCourse run: {summary['status']} in {summary['total_seconds']} s  ({summary['run_dir']})", file=stream)
     for nb in summary["notebooks"]:
         print(f"  {nb['name']:<28} {nb['seconds']:>7} s  {nb['status']}{format_peaks(nb)}", file=stream)
-    for key in ("final_train_loss", "final_eval_loss", "final_eval_perplexity", "exact_match"):
+    for key in (
+        "final_train_loss",
+        "final_eval_loss",
+        "final_eval_perplexity",
+        "exact_match",
+        "retention",
+        "general_text_loss",
+    ):
         if summary.get(key) is not None:
             print(f"  {key}: {summary[key]}", file=stream)
     for key, path in summary.get("artifacts", {}).items():

@@ -25,18 +25,22 @@ def generate_answers(
     system_prompt: str = "",
     max_new_tokens: int = 64,
     batch_size: int = 8,
-) -> list[str]:
+    return_finished: bool = False,
+):
     """Greedy answers, one per question, prompted through the tokenizer's chat template.
 
     The prompt ids are ``apply_chat_template(messages, add_generation_prompt=True)``'s, as ``pipeline``,
     llama.cpp and Ollama build them; batches are padded on the left so every answer starts right after its
-    prompt. Answers are decoded without special tokens.
+    prompt. Answers are decoded without special tokens. ``return_finished=True`` also returns, per answer,
+    whether it ended with a stop token within ``max_new_tokens`` (a model that stops where it should).
     """
     import torch
 
     from lora_helpers import chat
 
-    answers = []
+    stops = model.generation_config.eos_token_id
+    stops = set(stops if isinstance(stops, list) else [stops, tokenizer.eos_token_id])
+    answers, finished = [], []
     for start in range(0, len(questions), batch_size):
         ids = [
             chat.prompt_ids(tokenizer, chat.question_messages(q, system_prompt))
@@ -47,7 +51,8 @@ def generate_answers(
             out = model.generate(**batch, **greedy(max_new_tokens, pad_token_id=tokenizer.pad_token_id))
         new_tokens = out[:, batch["input_ids"].shape[1] :]
         answers.extend(t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
-    return answers
+        finished.extend(bool(stops & set(row)) for row in new_tokens.tolist())
+    return (answers, finished) if return_finished else answers
 
 
 def exact_match_rate(predictions: list[str], references: list[str]) -> float:

@@ -1,6 +1,6 @@
 """Plotting helpers (matplotlib), kept out of the notebooks so the lessons show the fine-tuning code.
 
-Used by notebook 02 (memory bars), notebook 04 (loss curves) and ``python -m
+Used by notebook 02 (memory bars), notebook 04 (loss curves), notebook 06 (learning against forgetting) and ``python -m
 lora_helpers images``, which redraws the diagrams in ``images/``.
 """
 
@@ -87,6 +87,35 @@ def plot_lengths(lengths: list[int], max_length: int, path: str | Path | None = 
     ax.set_xlabel("tokens per example (prompt + answer)")
     ax.set_ylabel("examples")
     ax.legend()
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig
+
+
+def plot_learning_vs_forgetting(rows: dict[str, dict], path: str | Path | None = None):
+    """Notebook 06: per model, exact match on the trained questions beside retention of general knowledge, and the
+    loss on the general text (forgetting is its rise over the base's). ``rows``: name -> {"exact match",
+    "retention", "general-text loss"}; a missing retention (a base that knows nothing) is drawn as 0."""
+    plt = pyplot()
+    names = list(rows)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2), gridspec_kw={"width_ratios": [3, 2]})
+    x = range(len(names))
+    for offset, key, color in ((-0.2, "exact match", "#5b8def"), (0.2, "retention", "#3aa76d")):
+        values = [rows[n][key] or 0.0 for n in names]
+        bars = left.bar([i + offset for i in x], values, width=0.4, color=color, label=key)
+        left.bar_label(bars, labels=[f"{v:.0%}" for v in values], fontsize=8)
+    left.set_xticks(list(x), names)
+    left.set_ylim(0, 1.15)
+    left.set_ylabel("share")
+    left.legend(loc="upper left", fontsize=8)
+    left.set_title("learned (trained questions) and kept (general knowledge)", fontsize=9)
+    losses = [rows[n]["general-text loss"] for n in names]
+    bars = right.bar(list(x), losses, color="#c97b3a")
+    right.bar_label(bars, labels=[f"{v:.3f}" for v in losses], fontsize=8)
+    right.set_xticks(list(x), names)
+    right.set_ylabel("loss (nats per token)")
+    right.set_title("loss on a general text: lower is better", fontsize=9)
     fig.tight_layout()
     if path is not None:
         fig.savefig(path, dpi=120)

@@ -11,9 +11,10 @@ import contextlib
 import math
 from pathlib import Path
 
+from datasets import Dataset, concatenate_datasets
 from transformers import TrainerCallback
 
-from lora_helpers import data, device, files, launch
+from lora_helpers import data, device, files, launch, retention
 
 
 def precision_flags() -> dict:
@@ -361,6 +362,10 @@ def train_adapter(
     model = lora_model(settings, adapter_name, tokenizer=tokenizer)
     sharded = models.fsdp_launched()  # accelerate launch with an FSDP configuration (notebook 07)
     train, evaluation, _, _ = prepare_datasets(settings, tokenizer)
+    replayed = retention.replay_examples(model, tokenizer, settings)  # the base's own answers (notebook 04)
+    trained_on = (
+        concatenate_datasets([train, Dataset.from_list(replayed)]).shuffle(seed=settings.seed) if replayed else train
+    )
     early_stopping = bool(settings.early_stopping_patience and evaluation is not None)
     args = sft_config(settings, checkpoint_dir, evaluation is not None, **(extra_args or {}))
     callbacks = [StopOnNonFinite(), *callbacks]
@@ -369,12 +374,13 @@ def train_adapter(
     trainer = SFTTrainer(
         model=model,
         args=args,
-        train_dataset=train,
+        train_dataset=trained_on,
         eval_dataset=evaluation,
         processing_class=tokenizer,
         callbacks=callbacks,
     )
-    trainer.prompt_completion = {"train": train, "eval": evaluation}  # before the trainer's tokenization (split.json)
+    # The data's own pairs, before the trainer's tokenization and without replay: what split.json records.
+    trainer.prompt_completion = {"train": train, "eval": evaluation}
     if progress is not None:  # one line per log instead of a progress bar (the trainer picks one of these three)
         for bar in (PrinterCallback, ProgressCallback, NotebookProgressCallback):
             trainer.remove_callback(bar)

@@ -13,7 +13,7 @@ def test_every_preset_is_valid():
 
 def test_gpu_presets_are_sized_for_a_t4():
     for name, s in presets.PRESETS.items():
-        if name.startswith("tiny"):  # the CPU presets
+        if name.startswith("tiny") or name == "smollm2-135m":  # the CPU presets (a T4 runs smollm2 unchanged)
             continue
         assert s.load_in_4bit and s.gradient_checkpointing, name
         assert s.optim == "paged_adamw_32bit", name
