@@ -106,9 +106,9 @@ def plot_learning_vs_forgetting(rows: dict[str, dict], path: str | Path | None =
         bars = left.bar([i + offset for i in x], values, width=0.4, color=color, label=key)
         left.bar_label(bars, labels=[f"{v:.0%}" for v in values], fontsize=8)
     left.set_xticks(list(x), names)
-    left.set_ylim(0, 1.15)
+    left.set_ylim(0, 1.3)
     left.set_ylabel("share")
-    left.legend(loc="upper left", fontsize=8)
+    left.legend(loc="upper center", ncols=2, fontsize=8)
     left.set_title("learned (trained questions) and kept (general knowledge)", fontsize=9)
     losses = [rows[n]["general-text loss"] for n in names]
     bars = right.bar(list(x), losses, color="#c97b3a")

@@ -64,10 +64,13 @@ def retention(base_correct: list[bool], now_correct: list[bool]) -> float | None
 
 
 def text_loss(model, tokenizer, text: str | None = None) -> float:
-    """Mean next-token loss (nats) of the model on ``text`` (default: the shipped general text)."""
+    """Mean next-token loss (nats) of the model on ``text`` (default: the shipped general text), cut to the
+    positions the model has (the tiny models have 512; the text is about 300 tokens with a real tokenizer)."""
     import torch
 
-    ids = tokenizer(text if text is not None else general_text(), return_tensors="pt")["input_ids"].to(model.device)
+    limit = min(getattr(model.config, "max_position_embeddings", 2048), 2048)
+    text = text if text is not None else general_text()
+    ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=limit)["input_ids"].to(model.device)
     with torch.no_grad():
         return float(model(input_ids=ids, labels=ids).loss)
 
