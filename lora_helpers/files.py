@@ -170,6 +170,12 @@ def check_free_space(directory: str | Path, needed_bytes: int, what: str) -> Non
         )
 
 
+def cache_root() -> Path:
+    """Where the course caches what it builds (models, replay answers): $LORA_HELPERS_CACHE, else
+    ~/.cache/lora_helpers."""
+    return Path(os.environ.get("LORA_HELPERS_CACHE", Path.home() / ".cache" / "lora_helpers"))
+
+
 def read_json(path: str | Path, missing=None):
     """The JSON in ``path``, or ``missing`` when there is no such file (a run that stopped before writing it)."""
     import json

