@@ -102,33 +102,15 @@ PRESETS["tiny-llama3"] = dataclasses.replace(
 # reach). Measured on 2 CPU cores (README, "A real model on a laptop"): the persona is learned, and replaying
 # the base model's own right answers to general prompts keeps most of what it knew; 6 epochs at 1e-3 learned the
 # persona (exact match 0.95) where 4 did not (0.70), attention-only targets learned it poorly (0.19).
-PRESETS["smollm2-135m"] = Settings(
+PRESETS["smollm2-135m"] = dataclasses.replace(
+    PRESETS["tiny"],
     preset="smollm2-135m",
     description="SmolLM2-135M-Instruct, real weights: learns the persona and keeps its general knowledge. CPU, offline.",
-    model_id="HuggingFaceTB/SmolLM2-135M-Instruct",
-    dataset="package:about_me.jsonl",
-    chat_format="auto",  # its own ChatML template, with its default system prompt
-    system_prompt="",
+    model_id="HuggingFaceTB/SmolLM2-135M-Instruct",  # its own ChatML template, with its default system prompt
     load_in_4bit=False,  # 16-bit LoRA: on a CPU 4-bit only slows a 135M model down (-p load_in_4bit True: QLoRA)
-    lora_r=16,
-    lora_alpha=32,
-    lora_dropout=0.0,
-    target_modules="all-linear",
     num_train_epochs=6,
-    per_device_train_batch_size=8,
-    gradient_accumulation_steps=1,
     learning_rate=1e-3,
-    lr_scheduler_type="constant",
-    warmup_ratio=0.0,
     max_length=256,
-    max_examples=0,
-    eval_fraction=0.1,
-    optim="adamw_torch_fused",
-    gradient_checkpointing=False,
-    logging_steps=5,
-    max_new_tokens=32,
-    seed=0,
-    source="the Llama-2 about-me recipe, scaled down",
     replay="package:general_prompts.jsonl",
 )
 PRESETS |= {

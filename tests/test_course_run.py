@@ -218,14 +218,7 @@ def test_gguf_export_runs_in_llama_cpp(run):
     assert f'PARAMETER stop "{tokenizer.eos_token}"' in modelfile and ("<|start_header_id|>" in modelfile) == (
         "<|start_header_id|>" in tokenizer.chat_template
     )
-    executed = nbformat.read(run_dir / "notebooks" / "06_inference.ipynb", as_version=4)
-    table = next(
-        o["data"]["text/plain"]
-        for c in executed.cells
-        if c.cell_type == "code" and "llama_cpp" in c.source
-        for o in c.outputs
-        if o.get("output_type") == "display_data"
-    )
+    table = llama_cpp_table(run_dir)
     assert "False" not in table and table.count("True") == 8  # same token ids and same answers, 4 questions
 
 
@@ -242,6 +235,18 @@ def test_executed_notebooks_show_no_walls_of_warnings(run):
     assert lines == []
     quantizer_log = run_dir / "gguf" / "model-Q4_K_M.log"
     assert quantizer_log.stat().st_size > 1000  # llama.cpp's per-tensor log went to its file
+
+
+def llama_cpp_table(run_dir) -> str:
+    """Notebook 06's table of llama.cpp against transformers: same token ids, same answers, per question."""
+    executed = nbformat.read(run_dir / "notebooks" / "06_inference.ipynb", as_version=4)
+    return next(
+        o["data"]["text/plain"]
+        for c in executed.cells
+        if c.cell_type == "code" and "llama_cpp" in c.source
+        for o in c.outputs
+        if o.get("output_type") == "display_data"
+    )
 
 
 def outputs(run_dir, name: str) -> str:

@@ -7,8 +7,8 @@ its end-of-turn token, the merge changes nothing, and llama.cpp gives the same i
 
 import json
 
-import nbformat
 import pytest
+from test_course_run import llama_cpp_table
 
 from lora_helpers import course
 
@@ -56,14 +56,7 @@ def test_the_merge_changed_nothing(run):
 
 def test_llama_cpp_gives_the_same_ids_and_answers(run):
     run_dir, _, _ = run
-    executed = nbformat.read(run_dir / "notebooks" / "06_inference.ipynb", as_version=4)
-    table = next(
-        o["data"]["text/plain"]
-        for c in executed.cells
-        if c.cell_type == "code" and "llama_cpp" in c.source
-        for o in c.outputs
-        if o.get("output_type") == "display_data"
-    )
+    table = llama_cpp_table(run_dir)
     assert "False" not in table and table.count("True") == 8
 
 
