@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--repeats", type=int, default=3, help="runs of baseline and course each, interleaved")
     bench.add_argument("--out", default="runs/bench", help="where bench.json and bench.md go")
 
-    commands.add_parser("links", help="rewrite the notebooks' Colab cell and links from course.REPOSITORY")
+    commands.add_parser("links", help="rewrite the notebooks' Colab cell and links from links.REPOSITORY")
 
     images = commands.add_parser("images", help="redraw the diagrams in images/")
     images.add_argument("--out", default="images")
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         runner.print_summary(summary)
     elif args.command == "train":
         from lora_helpers import course as runner
-        from lora_helpers import launch
+        from lora_helpers import launch, process
 
         try:
             log = launch.train(
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, TypeError, OSError, RuntimeError) as error:
             print(f"\nerror: {error}", file=sys.stderr)
             return 1
-        if launch.world()[0] == 0:
+        if process.world()[0] == 0:
             print(
                 f"trained on {log['world_size']} process(es), effective batch {log['effective_batch']}: "
                 f"train loss {log['first_train_loss']:.3f} -> {log['final_train_loss']:.3f}"
@@ -150,9 +150,9 @@ def main(argv: list[str] | None = None) -> int:
             print("wrote", path)
         print(benchmark.markdown_table(result))
     elif args.command == "links":
-        from lora_helpers import course as runner
+        from lora_helpers import links
 
-        for path in runner.write_links():
+        for path in links.write_links():
             print("rewrote", path)
     elif args.command == "images":
         from lora_helpers import plots

@@ -1,4 +1,4 @@
-"""Hugging Face Hub access: a token from the environment or Colab secrets, never from a parameter.
+"""Hugging Face Hub access: the token huggingface_hub finds by itself (environment, login, Colab secret), never a parameter.
 
 Taught in notebook 01 (section "Logging in"). The token is never printed,
 logged or written: papermill stores every parameter in the executed notebook,
@@ -13,41 +13,24 @@ from pathlib import Path
 from lora_helpers import files
 
 
-def token_from_colab_secrets() -> str | None:
-    """The ``HF_TOKEN`` secret of a Colab notebook (the key icon), or None outside Colab."""
-    try:
-        from google.colab import userdata  # type: ignore[import-not-found]
-    except ImportError:
-        return None
-    try:
-        return userdata.get("HF_TOKEN")
-    except Exception:  # secret missing, or access not granted to this notebook
-        return None
-
-
-def find_token() -> str | None:
-    """The Hub token: ``HF_TOKEN`` (or ``HUGGING_FACE_HUB_TOKEN``) in the environment, else the Colab secret.
-
-    Each Colab notebook runs in its own runtime, so every notebook looks here, not only notebook 01.
-    """
-    return os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN") or token_from_colab_secrets() or None
-
-
 def login_from_environment() -> str:
-    """Use HF_TOKEN from the environment or Colab secrets; return what happened, without the token."""
-    token = find_token()
+    """Check the Hub token huggingface_hub finds by itself; return what happened, without the token.
+
+    ``huggingface_hub.get_token()`` reads ``HF_TOKEN``, then the file ``hf auth login`` writes, then the Colab secret
+    named ``HF_TOKEN``; ``from_pretrained`` and every other Hub call read it the same way, so no notebook passes a
+    token, and each Colab notebook (its own runtime) finds it again.
+    """
+    from huggingface_hub import HfApi, get_token
+
+    token = get_token()
     if not token:
         return (
             "No Hugging Face token found: public models work; gated ones (meta-llama/...) need HF_TOKEN "
             "in the environment or as a Colab secret."
         )
-    os.environ["HF_TOKEN"] = token  # so later loads in this process find it; it never reaches a file
     if os.environ.get("HF_HUB_OFFLINE") == "1":
         return "A Hugging Face token is set, but HF_HUB_OFFLINE=1: no login attempted."
-    from huggingface_hub import HfApi
-
-    # No `login()`: it would write the token to ~/.cache/huggingface. The variable set above is
-    # enough for every hub call in this process; whoami only checks that the token is valid.
+    # No `login()`: it would write the token to ~/.cache/huggingface. whoami only checks that the token is valid.
     user = HfApi().whoami(token=token).get("name", "?")
     return f"Hugging Face token accepted for user {user}."
 
@@ -129,13 +112,13 @@ def push_adapter(adapter_dir, repo_id: str, push: bool) -> str:
         return "Not pushing: push_to_hub is False. The card is written; set push_to_hub=True and hub_repo_id to share."
     if not repo_id:
         return "Not pushing: hub_repo_id is empty (e.g. 'your-name/llama2-about-me-lora')."
-    token = find_token()
+    from huggingface_hub import HfApi, get_token
+
+    token = get_token()
     if not token:
         return "Not pushing: no token. Set HF_TOKEN (Colab: a secret named HF_TOKEN) with write access."
     if os.environ.get("HF_HUB_OFFLINE") == "1":
         return f"Not pushing: offline (HF_HUB_OFFLINE=1). The card is written in {adapter_dir}."
-    from huggingface_hub import HfApi
-
     api = HfApi(token=token)
     api.create_repo(repo_id, private=True, exist_ok=True)
     api.upload_folder(repo_id=repo_id, folder_path=str(adapter_dir), commit_message="Upload LoRA adapter")

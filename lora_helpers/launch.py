@@ -24,43 +24,9 @@ import shlex
 import subprocess
 from pathlib import Path
 
-from lora_helpers import data, files, presets
+from lora_helpers import data, files, presets, process
 
 ACCELERATE_CONFIGS = Path(__file__).parent / "configs" / "accelerate"  # ddp.yaml, fsdp_qlora.yaml (notebook 07)
-
-
-def world() -> tuple[int, int]:
-    """(rank, number of processes), as torchrun and accelerate launch set them; (0, 1) for a plain process."""
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def local_rank() -> int:
-    """This process's index on its machine (``LOCAL_RANK``), which is the GPU it uses; 0 for a plain process."""
-    return int(os.environ.get("LOCAL_RANK", "0"))
-
-
-def use_own_gpu() -> None:
-    """Make this process's GPU the current CUDA device, before anything uses one (nothing to do without CUDA)."""
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank())
-
-
-def from_every_process(value) -> list:
-    """``value`` as every process has it, in rank order (all processes must call this); ``[value]`` alone."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return [value]
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, value)
-    return gathered
-
-
-def adapter_checksum(weights) -> float:
-    """The sum of |w| over ``weights`` (the LoRA ones): equal numbers mean equal adapters, for all practical ends."""
-    return float(sum(w.detach().double().abs().sum() for w in weights))
 
 
 def ddp_arguments(world_size: int) -> dict:
@@ -89,10 +55,8 @@ def check_launch(expected: int | None, trainer_world_size: int, checkpointing_kw
     """
     import torch
 
-    from lora_helpers import models
-
-    _, launched = world()
-    if models.fsdp_launched() and not torch.cuda.is_available():
+    _, launched = process.world()
+    if process.fsdp_launched() and not torch.cuda.is_available():
         raise RuntimeError(
             "accelerate launch with an FSDP configuration, on CPUs: accelerate would quietly train plain DDP "
             "(whole copies, nothing sharded). FSDP through the trainer needs CUDA GPUs; to watch FSDP shard a 4-bit "
@@ -137,7 +101,7 @@ def train(
     import datasets
     import transformers
 
-    from lora_helpers import device, models, plots, training
+    from lora_helpers import device, plots, training
 
     datasets.disable_progress_bars()  # N processes drawing bars on one terminal: rank 0 prints lines instead
     transformers.utils.logging.disable_progress_bar()
@@ -148,9 +112,9 @@ def train(
         raise ValueError(f"No setting named {sorted(unknown)}. Settings: {', '.join(presets.SETTING_NAMES)}.")
     settings = presets.resolve_settings(preset, **params)
     run_dir = Path(run_dir or f"runs/{preset}").expanduser().resolve()
-    rank, world_size = world()
+    rank, world_size = process.world()
     check_launch(processes, world_size)  # the launcher's count, before any model is loaded
-    use_own_gpu()  # before the T4 rehearsal caps it, and before the model is loaded onto it
+    process.use_own_gpu()  # before the T4 rehearsal caps it, and before the model is loaded onto it
     if rehearse_t4:
         message = device.rehearse_t4()
         if rank == 0:
@@ -172,13 +136,13 @@ def train(
             extra_args={**ddp_arguments(world_size), "disable_tqdm": True},
             progress=progress_lines(),
         )
-        checksums = replica_checksums(trainer.model)
+        checksums = process.replica_checksums(trainer.model)
         history = trainer.state.log_history
         curves = plots.loss_curves(history)
         log = {
             "trainer_route": "sft",
             "world_size": trainer.args.world_size,
-            "strategy": "fsdp" if models.fsdp_launched() else ("ddp" if trainer.args.world_size > 1 else "single"),
+            "strategy": "fsdp" if process.fsdp_launched() else ("ddp" if trainer.args.world_size > 1 else "single"),
             "effective_batch": settings.per_device_train_batch_size
             * settings.gradient_accumulation_steps
             * trainer.args.world_size,
@@ -199,11 +163,6 @@ def train(
     finally:
         if lock is not None:
             lock.release()
-
-
-def replica_checksums(model) -> list[float]:
-    """Every process's ``adapter_checksum`` of its trainable (LoRA) weights: equal when the copies agree."""
-    return from_every_process(adapter_checksum(p for p in model.parameters() if p.requires_grad))
 
 
 def launch_check(processes: int | None):

@@ -12,7 +12,7 @@ import os
 import warnings
 from pathlib import Path
 
-from lora_helpers import chat, smollm2, tiny
+from lora_helpers import chat, process, smollm2, tiny
 
 
 def resolve_model_path(model_id: str) -> str:
@@ -21,13 +21,6 @@ def resolve_model_path(model_id: str) -> str:
     if model_id in tiny.TINY_MODELS:
         return str(tiny.tiny_model_dir(model_id))
     return smollm2.resolve(model_id)
-
-
-def hub_token() -> str | None:
-    """The Hugging Face token (environment or Colab secret, see ``hub.find_token``), if any. Never print it."""
-    from lora_helpers import hub
-
-    return hub.find_token()
 
 
 def _causes(error: BaseException):
@@ -121,7 +114,7 @@ def load_tokenizer(model_id: str, trust_remote_code: bool = False, chat_format: 
     path = resolve_model_path(model_id)
     with load_errors_explained(model_id):
         tokenizer = AutoTokenizer.from_pretrained(
-            path, token=hub_token(), trust_remote_code=warn_remote_code(model_id, trust_remote_code)
+            path, trust_remote_code=warn_remote_code(model_id, trust_remote_code)
         )
     chat.choose_pad_token(tokenizer)
     if chat_format is not None:
@@ -177,11 +170,6 @@ def bnb_4bit_config(quant_storage=None):
     )
 
 
-def fsdp_launched() -> bool:
-    """Whether ``accelerate launch`` started this process with an FSDP configuration (it sets this variable)."""
-    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
-
-
 def fsdp_storage_dtype():
     """The one dtype every weight of an FSDP-sharded 4-bit model is stored in (notebook 07).
 
@@ -201,9 +189,7 @@ def process_device_map() -> dict:
 
     Under DDP every process loads its own copy; without this all of them would load onto GPU 0 (notebook 07).
     """
-    from lora_helpers import launch
-
-    return {"": launch.local_rank()}
+    return {"": process.local_rank()}
 
 
 def load_model(
@@ -230,13 +216,12 @@ def load_model(
 
     from lora_helpers import device
 
-    fsdp = fsdp_launched()
+    fsdp = process.fsdp_launched()
     if fsdp and load_in_4bit:
         quant_storage = quant_storage or fsdp_storage_dtype()
     dtype = quant_storage or dtype or device.compute_dtype()  # FSDP: one dtype for every weight
     kwargs = {
         "dtype": dtype,
-        "token": hub_token(),
         "use_safetensors": True,
         "trust_remote_code": warn_remote_code(model_id, trust_remote_code),
     }

@@ -24,47 +24,24 @@ is what each notebook prints before it loads a model.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
-from lora_helpers import device, lora, presets
+from lora_helpers import device, lora, presets, shipped_configs
 
 # NF4 with double quantization: a 4-bit code per weight, an 8-bit absmax per block of 64
 # weights, and an fp32 scale per 256 of those absmaxes (QLoRA paper, section 3).
 NF4_BITS_PER_WEIGHT = 4 + 8 / 64 + 32 / (64 * 256)
 INT8_BITS_PER_WEIGHT = 8 + 32 / 4096  # LLM.int8(): 8-bit weights, a scale per row (~4096 wide)
 
-CONFIGS_DIR = Path(__file__).parent / "configs"
-# Shipped config.json files, so the planner works offline for every preset's architecture.
-SHIPPED = {
-    "NousResearch/Llama-2-7b-chat-hf": "llama-2-7b",
-    "meta-llama/Llama-2-7b-chat-hf": "llama-2-7b",
-    "meta-llama/Llama-3.2-3B-Instruct": "llama-3.2-3b",
-    "meta-llama/Llama-3.2-3B": "llama-3.2-3b",
-    "meta-llama/Llama-3.1-8B-Instruct": "llama-3.1-8b",
-    "meta-llama/Meta-Llama-3.1-8B": "llama-3.1-8b",
-    # Not presets: for "will it fit on several GPUs?" (notebook 07 and `plan -p num_gpus=2`)
-    "NousResearch/Llama-2-13b-chat-hf": "llama-2-13b",
-    "meta-llama/Llama-2-13b-chat-hf": "llama-2-13b",
-    "meta-llama/Llama-3.1-70B-Instruct": "llama-3.1-70b",
-}
 STRATEGIES = ("ddp", "fsdp")
 GPU_SIZES_GB = (15, 24, 40, 80)
 GB = 2**30
-
-
-def shipped_config_values(name: str) -> dict:
-    """``configs/NAME.json``: a real model's config shipped with the course (the planner, the tiny twins, the
-    random-weight models of the benchmark)."""
-    return json.loads((CONFIGS_DIR / f"{name}.json").read_text())
 
 
 def load_config(model_id: str):
     """The model's config: shipped for the presets' models, the tiny model's own, or read from the Hub/a folder."""
     from transformers import AutoConfig, LlamaConfig
 
-    if model_id in SHIPPED:
-        return LlamaConfig(**shipped_config_values(SHIPPED[model_id]))
+    if model_id in shipped_configs.BY_MODEL_ID:
+        return LlamaConfig(**shipped_configs.values(shipped_configs.BY_MODEL_ID[model_id]))
     from lora_helpers import models
 
     with models.load_errors_explained(model_id):

@@ -174,14 +174,13 @@ def plot_memory(panels: dict[str, dict[str, float]], limit_gb: float | None = 15
 
 
 def plot_plan(results: dict[str, dict]):
-    """The planner's estimate as stacked bars, one per plan (notebooks 02 and 03), with lines at the GPU sizes.
+    """The planner's estimate as stacked bars, one per plan (notebooks 02 and 03), with lines at the GPU sizes it was checked against.
 
     ``results`` maps a label to ``plan.plan``'s result; each bar is drawn in GB, or in MB when all are small.
     """
-    from lora_helpers import plan
-
     plt = pyplot()
     unit, scale = memory_unit(max(r["peak_gb"] for r in results.values()))
+    gpu_sizes = sorted({size for result in results.values() for size in result["fits_gb"]})
     fig, ax = plt.subplots(figsize=(7.5, 1.2 + 0.9 * len(results)))
     colors = {}
     for row, (label, result) in enumerate(results.items()):
@@ -193,7 +192,7 @@ def plot_plan(results: dict[str, dict]):
             left += gb * scale
         ax.text(left, row, f" {result['peak_gb'] * scale:.2f} {unit}", va="center", fontsize=8)
     if unit == "GB":
-        for size in plan.GPU_SIZES_GB:
+        for size in gpu_sizes:
             if size < ax.get_xlim()[1] * 1.5:
                 ax.axvline(size, color="crimson", linestyle="--")
                 ax.text(size, len(results) - 0.5, f"{size} GB", color="crimson", ha="center", fontsize=8)

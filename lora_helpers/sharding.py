@@ -81,10 +81,10 @@ def rehearse(preset: str = "tiny", steps: int = 8, shard: bool = True) -> dict:
     the trained adapter equal one process's, while each process holds 1/N of the weights."""
     import torch
 
-    from lora_helpers import launch, models, presets, training
+    from lora_helpers import models, presets, process, training
 
     settings = presets.resolve_settings(preset)
-    _, world_size = launch.world()
+    _, world_size = process.world()
     torch.manual_seed(settings.seed)  # the same LoRA initialisation in every process
     tokenizer = models.load_tokenizer(settings.model_id, settings.trust_remote_code, settings.chat_format)
     storage = models.fsdp_storage_dtype()
@@ -111,9 +111,9 @@ def rehearse(preset: str = "tiny", steps: int = 8, shard: bool = True) -> dict:
         "weight_bytes_per_process": local_weight_bytes(model),
         "weight_bytes_in_model": total_bytes,
         "losses": losses,
-        "adapter_checksum": launch.adapter_checksum(full),
+        "adapter_checksum": process.adapter_checksum(full),
     }
-    result["weight_bytes_by_process"] = launch.from_every_process(result["weight_bytes_per_process"])
+    result["weight_bytes_by_process"] = process.from_every_process(result["weight_bytes_per_process"])
     return result
 
 
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     import lora_helpers  # noqa: F401 (its log filters)
-    from lora_helpers import launch
+    from lora_helpers import process
 
     transformers.utils.logging.disable_progress_bar()  # N processes drawing bars on one terminal
 
@@ -133,9 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-shard", action="store_true", help="keep a whole copy in every process (as DDP does)")
     parser.add_argument("--out", required=True, help="where rank 0 writes the result (JSON)")
     args = parser.parse_args(argv)
-    rank, world_size = launch.world()
+    rank, world_size = process.world()
     if world_size > 1:
-        launch.use_own_gpu()
+        process.use_own_gpu()
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     try:
         result = rehearse(args.preset, args.steps, shard=not args.no_shard)

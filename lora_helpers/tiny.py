@@ -27,7 +27,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from lora_helpers import chat, data, files
+from lora_helpers import chat, data, files, shipped_configs
 
 # Model names the course builds instead of downloading, and the cache folder of each (bump a version when
 # anything below changes for that model, so cached copies are rebuilt).
@@ -258,9 +258,7 @@ def shipped_config(name: str, **changes):
     """
     from transformers import LlamaConfig
 
-    from lora_helpers import plan
-
-    values = plan.shipped_config_values(name)
+    values = shipped_configs.values(name)
     values.pop("torch_dtype", None)
     return LlamaConfig(**{**values, **changes})
 
@@ -426,13 +424,11 @@ REAL_SIZE_FAMILY = {"llama-2-7b": "tiny-llama2", "llama-3.2-3b": "tiny-llama3", 
 
 def real_size_name(model_id: str) -> str:
     """The shipped shape (``llama-2-7b``, ...) of a preset's model id, or of a shape name itself."""
-    from lora_helpers import plan
-
-    name = plan.SHIPPED.get(model_id, model_id)
+    name = shipped_configs.BY_MODEL_ID.get(model_id, model_id)
     if name not in REAL_SIZE_FAMILY:
         raise ValueError(
             f"No random-weight twin of {model_id!r}: --random-weights knows the presets' models "
-            f"({', '.join(sorted(m for m, shape in plan.SHIPPED.items() if shape in REAL_SIZE_FAMILY))}) and the "
+            f"({', '.join(sorted(m for m, shape in shipped_configs.BY_MODEL_ID.items() if shape in REAL_SIZE_FAMILY))}) and the "
             f"shapes {', '.join(REAL_SIZE_FAMILY)}."
         )
     return name

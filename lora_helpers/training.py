@@ -14,7 +14,7 @@ from pathlib import Path
 from datasets import Dataset, concatenate_datasets
 from transformers import TrainerCallback
 
-from lora_helpers import data, device, files, launch, retention
+from lora_helpers import data, device, files, process, retention
 
 
 def precision_flags() -> dict:
@@ -308,7 +308,7 @@ def lora_model(
     )
     if tokenizer is not None:
         models.match_vocabulary(model, tokenizer)
-    sharded = quant_storage is not None or models.fsdp_launched()
+    sharded = quant_storage is not None or process.fsdp_launched()
     if settings.load_in_4bit and not sharded:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=settings.gradient_checkpointing)
         embeddings_in_compute_dtype(model)
@@ -353,14 +353,14 @@ def train_adapter(
     from lora_helpers import models
 
     checkpoint_dir = checkpoint_dir or f"{output_dir}-checkpoints"
-    if launch.world()[0] == 0:
+    if process.world()[0] == 0:
         resume_from = prepare_checkpoints(checkpoint_dir, resume, overwrite)
     else:  # the main process alone removes or refuses; the others only find the checkpoint to resume from
         resume_from = last_complete_checkpoint(checkpoint_dir) if resume else None
     set_seed(settings.seed)
     tokenizer = models.load_tokenizer(settings.model_id, settings.trust_remote_code, settings.chat_format)
     model = lora_model(settings, adapter_name, tokenizer=tokenizer)
-    sharded = models.fsdp_launched()  # accelerate launch with an FSDP configuration (notebook 07)
+    sharded = process.fsdp_launched()  # accelerate launch with an FSDP configuration (notebook 07)
     train, evaluation, _, _ = prepare_datasets(settings, tokenizer)
     replayed = retention.replay_examples(model, tokenizer, settings)  # the base's own answers (notebook 04)
     trained_on = (

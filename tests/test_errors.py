@@ -8,7 +8,7 @@ from accelerate import init_empty_weights
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lora_helpers import course, data, device, lora, models
+from lora_helpers import adapters, course, data, device, models
 
 
 @pytest.fixture()
@@ -19,7 +19,7 @@ def saved_adapter(tmp_path, tiny_model_4bit):
 
 
 def test_adapter_fits_its_own_base(saved_adapter, tiny_model_4bit):
-    lora.check_adapter_matches_base(saved_adapter, tiny_model_4bit)
+    adapters.check_adapter_matches_base(saved_adapter, tiny_model_4bit)
 
 
 def test_adapter_onto_another_base_names_both(saved_adapter):
@@ -31,18 +31,18 @@ def test_adapter_onto_another_base_names_both(saved_adapter):
         )
     other.name_or_path = "some/other-model"
     with pytest.raises(ValueError, match=r"trained for '.*tiny-llama-v1'.*'some/other-model'.*expects 128 -> 128"):
-        lora.check_adapter_matches_base(saved_adapter, other)
+        adapters.check_adapter_matches_base(saved_adapter, other)
 
 
 def test_pickled_adapter_is_refused(saved_adapter, tiny_model_4bit):
     (saved_adapter / "adapter_model.safetensors").rename(saved_adapter / "adapter_model.bin")
     with pytest.raises(FileNotFoundError, match="safetensors only"):
-        lora.check_adapter_matches_base(saved_adapter, tiny_model_4bit)
+        adapters.check_adapter_matches_base(saved_adapter, tiny_model_4bit)
 
 
 def test_missing_adapter_says_to_run_notebook_04(tmp_path, tiny_model_4bit):
     with pytest.raises(FileNotFoundError, match="notebook 04"):
-        lora.check_adapter_matches_base(tmp_path / "adapter", tiny_model_4bit)
+        adapters.check_adapter_matches_base(tmp_path / "adapter", tiny_model_4bit)
 
 
 def test_every_example_too_long_is_refused():

@@ -24,19 +24,47 @@ def test_push_only_when_asked_with_a_token_and_online(monkeypatch, tmp_path):
 
 
 def test_every_notebook_finds_the_colab_secret(monkeypatch):
-    """On Colab each notebook is its own runtime: model loads must read the secret themselves, not rely on 01."""
+    """On Colab each notebook is its own runtime, and no cell passes a token: the course relies on huggingface_hub
+    reading the Colab secret by itself (``get_token()``, which ``from_pretrained`` and the push use)."""
     import sys
     import types
 
-    from lora_helpers import models
+    import huggingface_hub
+    from huggingface_hub.utils import _auth
 
+    class NotebookAccessError(Exception):
+        pass
+
+    class SecretNotFoundError(Exception):
+        pass
+
+    def secret(name):
+        if name != "HF_TOKEN":
+            raise SecretNotFoundError(name)
+        return "hf_FromColabSecret"
+
+    userdata = types.SimpleNamespace(
+        get=secret, NotebookAccessError=NotebookAccessError, SecretNotFoundError=SecretNotFoundError
+    )
     colab = types.ModuleType("google.colab")
-    colab.userdata = types.SimpleNamespace(get=lambda name: "hf_FromColabSecret" if name == "HF_TOKEN" else None)
+    colab.userdata = userdata
+    errors = types.ModuleType("google.colab.errors")
+    errors.Error = Exception
     monkeypatch.setitem(sys.modules, "google", types.ModuleType("google"))
     monkeypatch.setitem(sys.modules, "google.colab", colab)
+    monkeypatch.setitem(sys.modules, "google.colab.userdata", userdata)
+    monkeypatch.setitem(sys.modules, "google.colab.errors", errors)
+    monkeypatch.setattr(_auth, "is_google_colab", lambda: True)
+    monkeypatch.setattr(_auth, "is_colab_enterprise", lambda: False)
+    monkeypatch.setattr(_auth, "_IS_GOOGLE_COLAB_CHECKED", False)
+    monkeypatch.setattr(_auth, "_GOOGLE_COLAB_SECRET", None)
+    monkeypatch.setattr(_auth, "_get_token_from_file_refreshed", lambda: None)  # no login on this machine
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
-    assert models.hub_token() == "hf_FromColabSecret"
+    assert huggingface_hub.get_token() == "hf_FromColabSecret"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    message = hub.login_from_environment()
+    assert "token is set" in message and "hf_From" not in message
 
 
 def test_model_card_metadata_is_valid_and_names_the_base(tmp_path):

@@ -153,9 +153,9 @@ def test_the_shipped_fsdp_config_gives_fsdp2_qlora_settings(monkeypatch):
     assert plugin.auto_wrap_policy is transformer_auto_wrap_policy  # one unit per decoder layer
     assert plugin.cpu_ram_efficient_loading is True and plugin.activation_checkpointing is False
     assert plugin.state_dict_type.name == "FULL_STATE_DICT" and plugin.cpu_offload.__class__.__name__ == "OffloadPolicy"
-    from lora_helpers import models
+    from lora_helpers import models, process
 
-    assert models.fsdp_launched() and models.fsdp_storage_dtype() == torch.float32  # fp32 on a CPU and on a T4
+    assert process.fsdp_launched() and models.fsdp_storage_dtype() == torch.float32  # fp32 on a CPU and on a T4
     with pytest.raises(RuntimeError, match="accelerate would quietly train plain DDP"):
         launch.check_launch(None, 1)  # FSDP on CPUs, named before any model loads
 

@@ -106,26 +106,26 @@ def test_no_machine_paths_or_tokens_in_notebooks():
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_colab_cell_and_links_are_written_from_the_repository(path):
     """A notebook opened in Colab from GitHub has no repository beside it: every link and image is absolute."""
-    from lora_helpers import course
+    from lora_helpers import links
 
     nb = nbformat.read(path, as_version=4)
-    assert nb.cells[2].source == course.colab_cell()  # the same cell in every notebook
+    assert nb.cells[2].source == links.colab_cell()  # the same cell in every notebook
     for cell in nb.cells:
         if cell.cell_type == "markdown":
-            assert course.absolute_links(cell.source) == cell.source, f"{path.name}: run python -m lora_helpers links"
+            assert links.absolute_links(cell.source) == cell.source, f"{path.name}: run python -m lora_helpers links"
             assert "](../" not in cell.source
-    assert course.colab_url(path.name) in nb.cells[0].source  # its own badge
+    assert links.colab_url(path.name) in nb.cells[0].source  # its own badge
 
 
 def test_colab_installs_only_what_the_notebooks_import():
-    from lora_helpers import course
+    from lora_helpers import links
 
     root = Path(__file__).parent.parent
     needed = (root / "requirements.txt").read_text()
     for package in ("papermill", "ipykernel", "ipywidgets", "pytest", "nbformat"):
         assert package not in needed, package  # runner and test tools; Colab has its own kernel and widgets
     assert "torch==" not in needed  # never replace Colab's torch
-    cell = course.colab_cell()
+    cell = links.colab_cell()
     assert "-r /content/course/requirements.txt" in cell and "--no-deps -e /content/course" in cell
     assert 'os.environ.setdefault("HF_HOME", "/content/drive/' in cell
     pyproject = (root / "pyproject.toml").read_text()

@@ -31,8 +31,8 @@ def test_readme_links_every_notebook():
 def test_readme_badges_open_the_notebooks_of_this_repository():
     import re
 
-    from lora_helpers import course
+    from lora_helpers import course, links
 
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     badges = re.findall(r"\]\((https://colab\.research\.google\.com/github/[^)]+)\)", readme)
-    assert badges == [course.colab_url(nb.name) for nb in course.course_notebooks()]
+    assert badges == [links.colab_url(nb.name) for nb in course.course_notebooks()]

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from lora_helpers import course, files, lora, merge, presets
+from lora_helpers import adapters, course, files, merge, presets
 
 pytestmark = pytest.mark.course
 
@@ -126,13 +126,13 @@ def test_a_failed_overwrite_leaves_the_previous_run_whole(finished, tmp_path):
     for name in ("run_config.json", "split.json", "adapter/adapter_model.safetensors", "adapter/run_config.json"):
         assert after[name] == before[name], name
     settings = presets.load_run_settings(run_dir)
-    lora.check_adapter_matches_settings(run_dir / "adapter", settings)  # consistent: 05 and 06 go on
+    adapters.check_adapter_matches_settings(run_dir / "adapter", settings)  # consistent: 05 and 06 go on
     mixed = json.loads((run_dir / "run_config.json").read_text()) | {"lora_r": 4}
     (run_dir / "run_config.json").write_text(json.dumps(mixed))
     with pytest.raises(
         ValueError, match=r"not trained with this run's run_config.json: r=16 \(run_config.json: lora_r=4"
     ):
-        lora.check_adapter_matches_settings(run_dir / "adapter", presets.load_run_settings(run_dir))
+        adapters.check_adapter_matches_settings(run_dir / "adapter", presets.load_run_settings(run_dir))
 
 
 def test_notebook_06_checks_its_inputs_before_training(finished, tmp_path):

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-from lora_helpers import plan, tiny
+from lora_helpers import shipped_configs, tiny
 
 
 def test_tiny_model_is_an_ordinary_model_directory(tiny_dir):
@@ -98,7 +98,7 @@ def test_real_size_models_keep_the_real_vocabulary_and_the_family_tokenizer(smal
     directory = tiny.real_size_model_dir(shape)
     twin = tiny.tiny_model_dir(family)
     config = json.loads((directory / "config.json").read_text())
-    real = LlamaConfig(**plan.shipped_config_values(shape))
+    real = LlamaConfig(**shipped_configs.values(shape))
     assert config["vocab_size"] == vocab and config["rope_parameters"] == real.rope_parameters  # llama3 rope for 3.1
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja"):
         assert (directory / name).read_bytes() == (twin / name).read_bytes(), name

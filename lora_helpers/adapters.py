@@ -1,0 +1,90 @@
+"""Is this the adapter of this run, for this model? Checks of a saved adapter folder before anything loads it.
+
+Notebooks 05 (merge) and 06 (inference) run them first: an adapter from another run, another base model or a
+pickled file fails here with both names, instead of loading into a model it does not fit.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lora_helpers import lora, models
+
+
+def read_adapter_config(adapter_dir) -> dict:
+    """``adapter_config.json`` of a saved adapter, or the error that says which notebook writes one."""
+    path = Path(adapter_dir) / "adapter_config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"No adapter in {adapter_dir}: run notebook 04 (training) with this run_dir first.")
+    return json.loads(path.read_text())
+
+
+def check_adapter_matches_base(adapter_dir, model) -> None:
+    """Fail with both names when an adapter was trained for a different base model (notebooks 05 and 06).
+
+    Also refuses an adapter saved as a pickle (``adapter_model.bin``): the course loads safetensors only.
+    """
+    from safetensors import safe_open
+
+    adapter_dir = Path(adapter_dir)
+    trained_for = read_adapter_config(adapter_dir).get("base_model_name_or_path")
+    weights = adapter_dir / "adapter_model.safetensors"
+    if not weights.exists():
+        raise FileNotFoundError(
+            f"{adapter_dir} has no adapter_model.safetensors. The course loads safetensors only: a pickled "
+            ".bin file can run code when it is loaded. Re-save the adapter with save_pretrained()."
+        )
+    prefix = "base_model.model."
+    layers = {name.removeprefix(prefix): module for name, module in lora.linear_layers(model).items()}
+    with safe_open(weights, "pt") as f:
+        for key in f.keys():
+            if ".lora_A" not in key:
+                continue
+            layer = key.split(".lora_A")[0].removeprefix(prefix)
+            _, d_in = f.get_slice(key).get_shape()
+            d_out, _ = f.get_slice(key.replace(".lora_A", ".lora_B")).get_shape()
+            module = layers.get(layer)
+            if module is None or (module.in_features, module.out_features) != (d_in, d_out):
+                found = "no such layer" if module is None else f"{module.in_features} -> {module.out_features}"
+                raise ValueError(
+                    f"The adapter in {adapter_dir} was trained for {trained_for!r} and does not fit the base model "
+                    f"{getattr(model, 'name_or_path', '?')!r}: layer {layer} expects {d_in} -> {d_out}, found "
+                    f"{found}. Load the base model the adapter was trained on (see run_config.json)."
+                )
+
+
+def check_adapter_matches_settings(adapter_dir, settings) -> None:
+    """Refuse an adapter that ``run_config.json`` does not describe (notebooks 05 and 06, before any model loads).
+
+    Its own ``adapter_config.json`` must have the run's rank, alpha and target layers (when they are named), and
+    be trained on a model of the run's name; the copy of the settings notebook 04 saves inside ``adapter/`` must
+    equal the run's. A mismatch means the two files come from different runs.
+    """
+    adapter_dir = Path(adapter_dir)
+    config = read_adapter_config(adapter_dir)
+    problems = []
+    if config.get("r") != settings.lora_r:
+        problems.append(f"r={config.get('r')} (run_config.json: lora_r={settings.lora_r})")
+    if config.get("lora_alpha") != settings.lora_alpha:
+        problems.append(f"lora_alpha={config.get('lora_alpha')} (run_config.json: {settings.lora_alpha})")
+    if settings.target_modules != "all-linear":
+        named = {t.strip() for t in settings.target_modules.split(",") if t.strip()}
+        if set(config.get("target_modules") or []) != named:
+            problems.append(f"targets {sorted(config.get('target_modules') or [])} (run_config.json: {sorted(named)})")
+    base = Path(str(config.get("base_model_name_or_path", ""))).name
+    if base and base != Path(models.resolve_model_path(settings.model_id)).name:
+        problems.append(
+            f"base model {config.get('base_model_name_or_path')!r} (run_config.json: {settings.model_id!r})"
+        )
+    saved = adapter_dir / "run_config.json"
+    if saved.exists():
+        differing = [k for k, v in json.loads(saved.read_text()).items() if getattr(settings, k, v) != v]
+        if differing:
+            problems.append(f"settings saved with it differ in {', '.join(sorted(differing))}")
+    if problems:
+        raise ValueError(
+            f"The adapter in {adapter_dir} was not trained with this run's run_config.json: {'; '.join(problems)}. "
+            "They come from different runs (one that failed before saving its adapter?). Run notebook 04 again "
+            "for this run_dir (overwrite=True), or use the run_dir whose settings made this adapter."
+        )
