@@ -181,7 +181,7 @@ def run_variant(variant: str, model: str, preset: str, steps: int, batch_size: i
     adapters = sum(p.numel() * p.element_size() for p in net.parameters() if p.requires_grad)
     weights_mb = (net.get_memory_footprint() - adapters) / 2**20  # as training holds them: the rest in fp32
     compute_bytes = torch.finfo(device.compute_dtype()).bits // 8
-    train, _, _, _ = training.prepare_datasets(settings, tokenizer)
+    train = training.prepare_datasets(settings, tokenizer).train
     meter = _Meter(WARMUP_STEPS)
     total_steps = steps + WARMUP_STEPS
     scratch = tempfile.mkdtemp(prefix="lora-bench-")  # save_strategy="no": nothing is kept there

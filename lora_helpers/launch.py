@@ -24,7 +24,7 @@ import shlex
 import subprocess
 from pathlib import Path
 
-from lora_helpers import data, files, presets, process
+from lora_helpers import files, presets, process
 
 ACCELERATE_CONFIGS = Path(__file__).parent / "configs" / "accelerate"  # ddp.yaml, fsdp_qlora.yaml (notebook 07)
 
@@ -136,29 +136,12 @@ def train(
             extra_args={**ddp_arguments(world_size), "disable_tqdm": True},
             progress=progress_lines(),
         )
-        checksums = process.replica_checksums(trainer.model)
-        history = trainer.state.log_history
-        curves = plots.loss_curves(history)
-        log = {
-            "trainer_route": "sft",
-            "world_size": trainer.args.world_size,
-            "strategy": "fsdp" if process.fsdp_launched() else ("ddp" if trainer.args.world_size > 1 else "single"),
-            "effective_batch": settings.per_device_train_batch_size
-            * settings.gradient_accumulation_steps
-            * trainer.args.world_size,
-            "first_train_loss": curves["train"][0][1],
-            "final_train_loss": curves["train"][-1][1],
-            "final_eval_loss": curves["eval"][-1][1] if curves["eval"] else None,
-            "epochs_run": trainer.state.epoch,
-            "replica_checksums": checksums,  # every process's adapter weights, summed: DDP keeps them equal
-            "log_history": history,
-        }
+        log = training.training_log(trainer, "sft", trainer.prepared.lengths)  # notebook 04's, every process
         if trainer.is_world_process_zero():
-            split = {name: _pairs(dataset) for name, dataset in trainer.prompt_completion.items()}
             files.write_json(run_dir / "run_config.json", run_config)  # after the adapter, as notebook 04 does
-            files.write_json(run_dir / "split.json", split)
+            files.write_json(run_dir / "split.json", trainer.prepared.split)
             files.write_json(run_dir / "training_log.json", log)
-            plots.plot_loss(history, run_dir / "loss.png")
+            plots.plot_loss(log["log_history"], run_dir / "loss.png")
         return log
     finally:
         if lock is not None:
@@ -178,11 +161,6 @@ def launch_check(processes: int | None):
             check_launch(processes, args.world_size, kwargs_in_use)
 
     return LaunchCheck()
-
-
-def _pairs(dataset) -> list[tuple[str, str]]:
-    """Notebook 04's split.json, from the prompt/completion examples, for notebook 06."""
-    return [] if dataset is None else [data.question_answer(ex["prompt"] + ex["completion"]) for ex in dataset]
 
 
 def progress_lines():

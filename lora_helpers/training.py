@@ -10,11 +10,12 @@ from __future__ import annotations
 import contextlib
 import math
 from pathlib import Path
+from typing import NamedTuple
 
 from datasets import Dataset, concatenate_datasets
 from transformers import TrainerCallback
 
-from lora_helpers import data, device, files, process, retention
+from lora_helpers import data, device, files, plots, process, retention
 
 
 def precision_flags() -> dict:
@@ -102,23 +103,71 @@ def sft_config(settings, output_dir, evaluation: bool, report_to: str = "none", 
     return SFTConfig(**kwargs)
 
 
-def prepare_datasets(settings, tokenizer):
-    """Load, shape-check, turn into conversations, check lengths, and split. Returns (train, eval or None, shape, raw).
+class PreparedData(NamedTuple):
+    """What notebook 04's data cells make, in the order they make it."""
+
+    train: Dataset  # prompt/completion conversations the adapter trains on
+    eval: Dataset | None  # the held-out ones (None without eval_fraction)
+    shape: str  # the dataset's shape (data.SHAPES)
+    raw: Dataset  # the examples as loaded (cut to max_examples)
+    lengths: dict  # data.length_report: tokens per example, truncated and dropped
+    split: dict  # {"train": [(question, answer), ...], "eval": [...]}: split.json, which notebook 06 asks
+
+
+def prepare_datasets(settings, tokenizer) -> PreparedData:
+    """Notebook 04's data cells as one call: load, shape-check, write as conversations, check lengths, split.
 
     ``tokenizer`` must already carry the run's chat template (``models.load_tokenizer(..., chat_format=...)``).
+    tests/test_training.py runs the notebook's cells and checks that they give the same datasets and files.
     """
     raw = data.load_examples(settings.dataset)
     shape = data.check_examples(raw, settings.dataset)  # every example, before any model is loaded
     if settings.max_examples:
         raw = raw.shuffle(seed=settings.seed).select(range(min(settings.max_examples, len(raw))))
-    formatted = raw.map(
-        lambda ex: data.to_prompt_completion(ex, shape, settings.system_prompt), remove_columns=raw.column_names
-    )
-    data.length_report(formatted, tokenizer, settings.max_length)  # fails when every example is too long
-    if settings.eval_fraction and len(formatted) >= 10:
-        split = formatted.train_test_split(test_size=settings.eval_fraction, seed=settings.seed)
-        return split["train"], split["test"], shape, raw
-    return formatted, None, shape, raw
+    to_pc = lambda ex: data.to_prompt_completion(ex, shape, settings.system_prompt)  # noqa: E731
+    formatted = raw.map(to_pc, remove_columns=raw.column_names)
+    lengths = data.length_report(formatted, tokenizer, settings.max_length)  # fails when every example is too long
+    if settings.eval_fraction and len(raw) >= 10:
+        split = raw.train_test_split(test_size=settings.eval_fraction, seed=settings.seed)
+        raw_train, raw_eval = split["train"], split["test"]
+    else:
+        raw_train, raw_eval = raw, None
+    train = raw_train.map(to_pc, remove_columns=raw.column_names)
+    evaluation = raw_eval.map(to_pc, remove_columns=raw.column_names) if raw_eval is not None else None
+    pairs = {
+        "train": data.question_answer_pairs(raw_train, shape),
+        "eval": data.question_answer_pairs(raw_eval, shape) if raw_eval is not None else [],
+    }
+    return PreparedData(train, evaluation, shape, raw, lengths, pairs)
+
+
+def training_log(trainer, trainer_route: str, lengths: dict) -> dict:
+    """``training_log.json``: what a finished training did (notebook 04 writes it; ``lora-course train`` too).
+
+    Losses first and last, the eval perplexity ``exp(eval loss)``, epochs, whether early stopping ended it, the
+    examples' lengths (``data.length_report``), seconds, how many processes trained with which effective batch,
+    and every process's adapter checksum (equal under DDP). Every process must call it (it gathers checksums).
+    """
+    history = trainer.state.log_history
+    curves = plots.loss_curves(history)
+    final_eval = curves["eval"][-1][1] if curves["eval"] else None
+    args = trainer.args
+    return {
+        "trainer_route": trainer_route,
+        "world_size": args.world_size,
+        "strategy": "fsdp" if process.fsdp_launched() else ("ddp" if args.world_size > 1 else "single"),
+        "effective_batch": args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
+        "first_train_loss": curves["train"][0][1],
+        "final_train_loss": curves["train"][-1][1],
+        "final_eval_loss": final_eval,
+        "final_eval_perplexity": math.exp(final_eval) if final_eval is not None else None,
+        "epochs_run": trainer.state.epoch,
+        "stopped_early": trainer.state.global_step < trainer.state.max_steps,
+        "lengths": {name: value for name, value in lengths.items() if name != "lengths"},
+        "train_runtime_s": next((h["train_runtime"] for h in reversed(history) if "train_runtime" in h), None),
+        "replica_checksums": process.replica_checksums(trainer.model),  # DDP keeps the copies equal
+        "log_history": history,
+    }
 
 
 def adapter_weights_to_float32(model) -> int:
@@ -361,7 +410,8 @@ def train_adapter(
     tokenizer = models.load_tokenizer(settings.model_id, settings.trust_remote_code, settings.chat_format)
     model = lora_model(settings, adapter_name, tokenizer=tokenizer)
     sharded = process.fsdp_launched()  # accelerate launch with an FSDP configuration (notebook 07)
-    train, evaluation, _, _ = prepare_datasets(settings, tokenizer)
+    prepared = prepare_datasets(settings, tokenizer)
+    train, evaluation = prepared.train, prepared.eval
     replayed = retention.replay_examples(model, tokenizer, settings)  # the base's own answers (notebook 04)
     trained_on = (
         concatenate_datasets([train, Dataset.from_list(replayed)]).shuffle(seed=settings.seed) if replayed else train
@@ -379,8 +429,7 @@ def train_adapter(
         processing_class=tokenizer,
         callbacks=callbacks,
     )
-    # The data's own pairs, before the trainer's tokenization and without replay: what split.json records.
-    trainer.prompt_completion = {"train": train, "eval": evaluation}
+    trainer.prepared = prepared  # the data before the trainer's tokenization, without replay: split.json, lengths
     if progress is not None:  # one line per log instead of a progress bar (the trainer picks one of these three)
         for bar in (PrinterCallback, ProgressCallback, NotebookProgressCallback):
             trainer.remove_callback(bar)

@@ -23,7 +23,7 @@ def test_training_ids_are_the_ids_of_the_template_at_inference(family):
     from trl import SFTTrainer
 
     settings, tokenizer = family
-    train, _, _, _ = training.prepare_datasets(dataclasses.replace(settings, eval_fraction=0.0), tokenizer)
+    train = training.prepare_datasets(dataclasses.replace(settings, eval_fraction=0.0), tokenizer).train
     model = training.lora_model(settings, tokenizer=tokenizer)
     trainer = SFTTrainer(
         model=model,

@@ -94,6 +94,17 @@ def test_losses_are_finite_and_went_down(run):
     assert summary["final_train_loss"] == log["final_train_loss"]
 
 
+def test_training_log_is_the_same_file_from_notebook_04_and_from_lora_course_train(run):
+    """Notebook 07 trains with `lora-course train`: its training_log.json has notebook 04's keys, perplexity included."""
+    run_dir, _ = run
+    from_notebook = json.loads((run_dir / "training_log.json").read_text())
+    from_command = json.loads((run_dir / "multi-gpu" / "training_log.json").read_text())
+    assert set(from_notebook) == set(from_command)
+    assert from_command["final_eval_perplexity"] == pytest.approx(math.exp(from_command["final_eval_loss"]))
+    assert from_notebook["world_size"] == 1 and from_command["world_size"] == 2
+    assert from_notebook["lengths"]["examples"] == from_command["lengths"]["examples"] > 0
+
+
 def test_the_model_learned_the_answers(run):
     _, summary = run
     em = summary["exact_match"]
@@ -120,7 +131,7 @@ def test_two_adapters_were_trained_and_switched(run):
     assert "Captain Rui Salgado" in outputs and "My name is Ada Quill." in outputs
 
 
-def test_trainer_route_of_seed_000_runs(tmp_path, run):
+def test_plain_trainer_route_runs(tmp_path, run):
     if run[1]["preset"] != "tiny":
         pytest.skip("one family is enough for the second route")
     summary = course.run_course(

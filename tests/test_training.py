@@ -53,12 +53,33 @@ def test_notebook_04_and_sft_config_set_the_same_arguments_to_the_same_values(tm
 
 def test_prepare_datasets_splits_and_formats(tiny_tokenizer):
     settings = presets.resolve_settings("tiny")
-    train, evaluation, shape, raw = training.prepare_datasets(settings, tiny_tokenizer)
+    train, evaluation, shape, raw, _, split = training.prepare_datasets(settings, tiny_tokenizer)
     assert shape == "messages"
     assert len(train) + len(evaluation) == len(raw) and len(evaluation) == 5
+    assert [len(split["train"]), len(split["eval"])] == [len(train), len(evaluation)]
     assert set(train.column_names) == {"prompt", "completion"}
     assert all(c[-1]["role"] == "assistant" and c[-1]["content"] for c in train["completion"])
     assert all(p[-1]["role"] == "user" for p in train["prompt"])
+
+
+def test_notebook_04_data_cells_and_prepare_datasets_give_the_same_data(tmp_path):
+    """Notebook 04 writes its data cells out; training.prepare_datasets (lora-course train) must give the same
+    training and held-out conversations, lengths and split.json."""
+    import nbformat
+
+    from lora_helpers import models
+
+    cells = {c.id: c.source for c in nbformat.read("notebooks/04_sft_training.ipynb", as_version=4).cells}
+    settings = presets.resolve_settings("tiny", max_examples=30, system_prompt="Answer briefly.")
+    namespace = {"settings": settings, "run_dir": tmp_path}
+    for cell in ("04-03", "04-08", "04-10", "04-14", "04-16", "04-17"):  # imports, load, format, lengths, split
+        exec(compile(cells[cell], cell, "exec"), namespace)
+    tokenizer = models.load_tokenizer(settings.model_id, chat_format=settings.chat_format)
+    prepared = training.prepare_datasets(settings, tokenizer)
+    assert namespace["train_dataset"].to_list() == prepared.train.to_list()
+    assert namespace["eval_dataset"].to_list() == prepared.eval.to_list() and len(prepared.eval) == 3
+    assert namespace["split_info"] == prepared.split and namespace["report"] == prepared.lengths
+    assert prepared.train[0]["prompt"][0] == {"role": "system", "content": "Answer briefly."}
 
 
 def test_train_adapter_learns_and_changes_only_the_adapter(tmp_path, tiny_dir):
@@ -177,7 +198,7 @@ def test_completion_only_loss_can_be_switched_off(tiny_tokenizer, tmp_path):
 
     model = models.load_model("tiny", load_in_4bit=False)
     train = presets.resolve_settings("tiny")
-    dataset, _, _, _ = training.prepare_datasets(train, tiny_tokenizer)
+    dataset = training.prepare_datasets(train, tiny_tokenizer).train
     labels = {}
     for only_answers in (True, False):
         args = SFTConfig(
