@@ -78,11 +78,6 @@ def max_difference(logits_a: list, logits_b: list) -> float:
     return max((a - b).abs().max().item() for a, b in zip(logits_a, logits_b))
 
 
-def max_logit_difference(model_a, model_b, prompts: list[list[int]]) -> float:
-    """Largest |logit_a - logit_b| over the prompts' tokens: notebook 05's check that a merge changed nothing."""
-    return max_difference(prompt_logits(model_a, prompts), prompt_logits(model_b, prompts))
-
-
 def generation_speed(model, tokenizer, prompt: list[int], new_tokens: int = 64, repeats: int = 2) -> float:
     """Generated tokens per second for one prompt (token ids), greedy, always ``new_tokens`` long (notebook 06)."""
     import time

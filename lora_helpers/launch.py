@@ -152,12 +152,10 @@ def launch_check(processes: int | None):
     """A trainer callback running ``check_launch`` once the trainer knows its world, before the first step."""
     from transformers import TrainerCallback
 
-    from lora_helpers import training
-
     class LaunchCheck(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
-            name = training.checkpointing_name()
-            kwargs_in_use = (getattr(args, f"{name}_kwargs", None) or {}) if getattr(args, name) else None
+            in_use = args.activation_checkpointing
+            kwargs_in_use = (args.activation_checkpointing_kwargs or {}) if in_use else None
             check_launch(processes, args.world_size, kwargs_in_use)
 
     return LaunchCheck()

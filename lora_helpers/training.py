@@ -37,24 +37,13 @@ def optimizer_for_device(optim: str) -> str:
 
 
 def checkpointing(enabled: bool) -> dict:
-    """Gradient checkpointing for the trainer's config, under the name the installed transformers uses.
+    """Activation (gradient) checkpointing for the trainer's config, as notebook 04 writes it out.
 
-    transformers 5.24 renamed ``gradient_checkpointing`` to ``activation_checkpointing`` (the old name still works
-    until 6.0, with a warning); ``requirements.txt`` allows versions from before the rename. ``use_reentrant=False``
-    is the implementation that works through frozen 4-bit layers. Notebook 04 explains it.
+    transformers 5.24 renamed ``gradient_checkpointing`` to ``activation_checkpointing`` (the old name works until
+    6.0, with a warning). ``use_reentrant=False`` is the implementation that works through frozen 4-bit layers and
+    under DDP.
     """
-    name = checkpointing_name()
-    return {name: enabled, f"{name}_kwargs": {"use_reentrant": False}}
-
-
-def checkpointing_name() -> str:
-    """``activation_checkpointing`` from transformers 5.24 on, ``gradient_checkpointing`` before."""
-    import dataclasses
-
-    from transformers import TrainingArguments
-
-    name = "activation_checkpointing"
-    return name if name in {f.name for f in dataclasses.fields(TrainingArguments)} else "gradient_checkpointing"
+    return {"activation_checkpointing": enabled, "activation_checkpointing_kwargs": {"use_reentrant": False}}
 
 
 def pin_memory() -> bool:

@@ -278,6 +278,25 @@ def test_notebook_02_quantization_config_is_the_one_models_load_with():
     assert taught.bnb_4bit_quant_type == "nf4" and taught.bnb_4bit_use_double_quant
 
 
+def test_notebook_07_fsdp_quantization_config_is_the_one_models_load_with_under_fsdp():
+    """Notebook 07 writes BitsAndBytesConfig(..., bnb_4bit_quant_storage=...) out; under an FSDP launch the loader
+    uses models.bnb_4bit_config with the same storage dtype."""
+    import ast
+
+    from transformers import BitsAndBytesConfig
+
+    from lora_helpers import device, models
+
+    storage = models.fsdp_storage_dtype()
+    call = notebook_call("07_multi_gpu.ipynb", "bnb_config")
+    namespace = {"device": device, "torch": torch, "storage": storage}
+    taught = BitsAndBytesConfig(
+        **{k.arg: eval(compile(ast.Expression(k.value), "nb", "eval"), namespace) for k in call.keywords}
+    )
+    assert taught.to_dict() == models.bnb_4bit_config(quant_storage=storage).to_dict()
+    assert taught.bnb_4bit_quant_storage == torch.float32  # on a CPU, as on a T4
+
+
 def test_lora_gradients_are_right_after_an_evaluation_on_a_cpu(tiny_dir):
     """bitsandbytes' AVX512-BF16 repacking after a no-grad forward must not change the LoRA gradients."""
     settings = presets.resolve_settings("tiny", lora_dropout=0.0)
