@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from lora_helpers import device, files
+from lora_helpers import device, files, process
 
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 ARTIFACTS = {
@@ -30,6 +30,16 @@ ARTIFACTS = {
 # On the tiny preset every cell takes seconds: one running 10 minutes has hung, and fails rather than blocking
 # CI. Real presets train for an hour in one cell, so they get no limit.
 TINY_CELL_TIMEOUT_S = 600
+
+
+# An executed notebook is a page to read, not a terminal to watch: its progress bars would be saved as dozens of
+# frozen widgets ("0%| | 0/43" on GitHub). The runner's kernels draw none; a learner's own Jupyter or Colab keeps them.
+EXECUTED_PAGE_ENV = {
+    process.EXECUTED_PAGE: "1",  # the trainer prints about ten lines instead of its live table (notebooks 04, 06)
+    "TQDM_DISABLE": "1",  # tqdm's own default (tqdm >= 4.66 reads TQDM_<argument>)
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # huggingface_hub's and transformers' bars (downloads, loading weights)
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",  # datasets' map, filter and tokenization bars
+}
 
 
 def kernel_manager_class():
@@ -49,6 +59,7 @@ def kernel_manager_class():
         async def start_kernel(self, **kw):
             """The kernel's own stdout and stderr (not the notebook's output, which comes by message) go to a log
             beside the executed notebook instead of the terminal: the runner reports errors itself."""
+            kw["env"] = {**(kw.get("env") or os.environ), **EXECUTED_PAGE_ENV}
             log = os.environ.get(KERNEL_LOG_ENV)
             if log:
                 kw.setdefault("stdout", open(log, "ab"))  # noqa: SIM115 (the kernel process keeps it open)
@@ -329,6 +340,13 @@ def write_summary(run_dir: Path, summary: dict, seconds: float) -> dict:
     return summary
 
 
+def rounded(value, digits: int = 4):
+    """Floats to ``digits`` significant digits, inside dicts too: what a loss or a rate means, not its last bits."""
+    if isinstance(value, dict):
+        return {key: rounded(v, digits) for key, v in value.items()}
+    return float(f"{value:.{digits}g}") if isinstance(value, float) else value
+
+
 def print_summary(summary: dict, stream=sys.stdout) -> None:
     print(f"\nCourse run: {summary['status']} in {summary['total_seconds']} s  ({summary['run_dir']})", file=stream)
     for nb in summary["notebooks"]:
@@ -342,6 +360,6 @@ def print_summary(summary: dict, stream=sys.stdout) -> None:
         "general_text_loss",
     ):
         if summary.get(key) is not None:
-            print(f"  {key}: {summary[key]}", file=stream)
+            print(f"  {key}: {rounded(summary[key])}", file=stream)
     for key, path in summary.get("artifacts", {}).items():
         print(f"  {key:<13} {path}", file=stream)

@@ -134,7 +134,7 @@ def train(
             saved_with=run_config,
             callbacks=[launch_check(processes)],
             extra_args={**ddp_arguments(world_size), "disable_tqdm": True},
-            progress=progress_lines(),
+            progress=training.progress_lines(),
         )
         log = training.training_log(trainer, "sft", trainer.prepared.lengths)  # notebook 04's, every process
         if trainer.is_world_process_zero():
@@ -159,24 +159,6 @@ def launch_check(processes: int | None):
             check_launch(processes, args.world_size, kwargs_in_use)
 
     return LaunchCheck()
-
-
-def progress_lines():
-    """A trainer callback printing one line per log, on the main process only: step, epoch, train and eval loss.
-
-    Several processes drawing progress bars on one terminal (or one notebook cell) interleave into noise."""
-    from transformers import TrainerCallback
-
-    class ProgressLines(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            losses = [f"{name} {logs[name]:.4f}" for name in ("loss", "eval_loss") if name in (logs or {})]
-            if state.is_world_process_zero and losses:
-                print(
-                    f"step {state.global_step}/{state.max_steps}, epoch {state.epoch:.2f}: {', '.join(losses)}",
-                    flush=True,
-                )
-
-    return ProgressLines()
 
 
 def run(command: list[str]) -> None:

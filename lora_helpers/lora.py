@@ -66,9 +66,16 @@ def lora_parameter_count(model, r: int, target_modules: list[str]) -> int:
 
 
 def base_parameter_count(model) -> int:
-    """Parameters of the base model, counting each 4-bit weight as its unpacked number of values."""
+    """Parameters of the base model, counting each 4-bit weight as its unpacked number of values.
+
+    A peft-wrapped model's adapters (``lora_A``, ``lora_B``) are not the base and are left out, so the count is
+    the same before and after ``get_peft_model`` (peft's ``print_trainable_parameters`` divides by all
+    parameters, adapters included, which is why its percentage is lower).
+    """
     total = 0
-    for _, parameter in model.named_parameters():
+    for name, parameter in model.named_parameters():
+        if ".lora_" in name:
+            continue
         shape = getattr(parameter, "quant_state", None)
         total += shape.shape.numel() if shape is not None else parameter.numel()
     return total

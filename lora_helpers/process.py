@@ -26,6 +26,14 @@ def fsdp_launched() -> bool:
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
 
 
+EXECUTED_PAGE = "LORA_COURSE_EXECUTED_PAGE"  # set by the course runner for the notebooks it executes
+
+
+def on_executed_page() -> bool:
+    """Whether the course runner executes this notebook, saving its outputs as a page to read (no live bars)."""
+    return os.environ.get(EXECUTED_PAGE) == "1"
+
+
 def use_own_gpu() -> None:
     """Make this process's GPU the current CUDA device, before anything uses one (nothing to do without CUDA)."""
     import torch

@@ -381,11 +381,10 @@ def train_adapter(
     continues from the last one. ``extra_args`` go to ``SFTConfig`` (``launch.ddp_arguments`` for several
     processes). Under several processes only the main one saves; ``saved_with`` is written beside the adapter as
     ``run_config.json`` (notebook 04 does the same). ``progress``: a callback that replaces the trainer's progress
-    bar (``launch.progress_lines()``). Under ``accelerate launch`` with FSDP the adapters keep the storage dtype
+    bar (``progress_lines()``; on a page the course runner executes, that is the default). Under ``accelerate launch`` with FSDP the adapters keep the storage dtype
     (``lora_model``) and every process takes part in saving.
     """
-    from transformers import EarlyStoppingCallback, PrinterCallback, ProgressCallback, set_seed
-    from transformers.utils.notebook import NotebookProgressCallback
+    from transformers import EarlyStoppingCallback, set_seed
     from trl import SFTTrainer
 
     from lora_helpers import models
@@ -419,10 +418,10 @@ def train_adapter(
         callbacks=callbacks,
     )
     trainer.prepared = prepared  # the data before the trainer's tokenization, without replay: split.json, lengths
-    if progress is not None:  # one line per log instead of a progress bar (the trainer picks one of these three)
-        for bar in (PrinterCallback, ProgressCallback, NotebookProgressCallback):
-            trainer.remove_callback(bar)
-        trainer.add_callback(progress)
+    if progress is None and process.on_executed_page():
+        progress = progress_lines()
+    if progress is not None:
+        use_progress_lines(trainer, progress)
     if not sharded:
         adapter_weights_to_float32(trainer.model)
     with explain_oom(settings):
@@ -436,3 +435,43 @@ def train_adapter(
             if saved_with is not None:
                 files.write_json(Path(tmp) / "run_config.json", saved_with)
     return trainer
+
+
+def progress_lines(lines: int = 10) -> TrainerCallback:
+    """A trainer callback printing about ``lines`` lines over a whole training, on the main process only.
+
+    Each line: step, epoch, and the latest train and eval loss; the last one when training ends. Several processes
+    drawing progress bars on one terminal interleave into noise (``lora-course train``), and a saved page keeps
+    every frame of a live table (notebooks 04 and 06 under the course runner).
+    """
+
+    class ProgressLines(TrainerCallback):
+        def __init__(self):
+            self.latest, self.next_step = {}, 0
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            self.latest |= {name: logs[name] for name in ("loss", "eval_loss") if name in (logs or {})}
+            if self.latest and state.global_step >= self.next_step and state.global_step < state.max_steps:
+                self.next_step = state.global_step + max(1, state.max_steps // lines)
+                self.show(state)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.latest:
+                self.show(state)
+
+        def show(self, state):
+            if state.is_world_process_zero:
+                losses = ", ".join(f"{name.replace('_', ' ')} {value:.4f}" for name, value in self.latest.items())
+                print(f"step {state.global_step}/{state.max_steps}, epoch {state.epoch:.2f}: {losses}", flush=True)
+
+    return ProgressLines()
+
+
+def use_progress_lines(trainer, callback: TrainerCallback | None = None) -> None:
+    """Replace the trainer's progress bar or live table (it picks one of three) with ``progress_lines()``."""
+    from transformers import PrinterCallback, ProgressCallback
+    from transformers.utils.notebook import NotebookProgressCallback
+
+    for bar in (PrinterCallback, ProgressCallback, NotebookProgressCallback):
+        trainer.remove_callback(bar)
+    trainer.add_callback(callback or progress_lines())

@@ -5,6 +5,7 @@ embeddings), with the same assertions for each family."""
 import json
 import math
 import os
+import re
 
 import nbformat
 import pytest
@@ -141,6 +142,34 @@ def test_plain_trainer_route_runs(tmp_path, run):
     assert summary["status"] == "ok" and log["trainer_route"] == "trainer"
     assert log["final_train_loss"] < log["first_train_loss"]
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+
+
+LONG_FLOAT = re.compile(r"\d\.\d{6,}")  # a float printed raw (0.2138232707977295) or at pandas' default 6 places
+
+
+def page_text(path) -> tuple[int, int, list[str]]:
+    """An executed notebook as its saved page reads: widget outputs, lines of text, and raw long floats in them.
+
+    A table (HTML) or a plot counts as one line; a stream or plain-text result as its lines."""
+    widgets, lines, floats = 0, 0, []
+    for cell in nbformat.read(path, as_version=4).cells:
+        for output in cell.get("outputs", []):
+            data = output.get("data", {})
+            widgets += "application/vnd.jupyter.widget-view+json" in data
+            text = output.get("text", "") if output.output_type == "stream" else data.get("text/plain", "")
+            lines += 1 if ("text/html" in data or "image/png" in data) else len(text.splitlines())
+            floats += [f"{cell.id}: {text[max(0, m.start() - 40) : m.end()]}" for m in LONG_FLOAT.finditer(text)]
+    return widgets, lines, floats
+
+
+def test_executed_pages_are_worth_reading(run):
+    """No progress bars frozen into the saved pages, no wall of per-step lines, every number rounded."""
+    run_dir, _ = run
+    for path in sorted((run_dir / "notebooks").glob("*.ipynb")):
+        widgets, lines, floats = page_text(path)
+        assert widgets == (1 if path.name.startswith("03") else 0), path.name  # notebook 03's LoRA explorer only
+        assert lines <= 120, (path.name, lines)
+        assert not floats, (path.name, floats[:3])
 
 
 def test_the_token_appears_in_no_file_the_run_leaves(run):
