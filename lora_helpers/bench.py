@@ -28,7 +28,6 @@ import gc
 import os
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 from lora_helpers import files, plan, presets
@@ -88,17 +87,15 @@ def saved_for_backward_bytes(model, input_ids) -> int:
         return tensor
 
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    with warnings.catch_warnings():  # transformers 5.24 renames these "activation_checkpointing"; 5.2 lacks that
-        warnings.simplefilter("ignore", FutureWarning)
-        checkpointing = inner.is_gradient_checkpointing
+    checkpointing = inner.is_activation_checkpointing
+    if checkpointing:
+        inner.activation_checkpointing_disable()
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            model(input_ids=input_ids, labels=input_ids)
+    finally:
         if checkpointing:
-            inner.gradient_checkpointing_disable()
-        try:
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-                model(input_ids=input_ids, labels=input_ids)
-        finally:
-            if checkpointing:
-                inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            inner.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return sum(kept.values())
 
 

@@ -6,14 +6,25 @@ def test_exact_match_rate_trims_white_space():
     assert evaluate.exact_match_rate([], []) == 0.0
 
 
-def test_random_base_model_answers_nothing_right(tiny_model_4bit, tiny_tokenizer):
-    answers = evaluate.generate_answers(
-        tiny_model_4bit, tiny_tokenizer, ["What is your name?", "Where do you live?"], max_new_tokens=8
+def test_answers_are_the_tokens_generated_after_the_prompt(tiny_model_4bit, tiny_tokenizer):
+    """What generate_answers returns is what greedy generation from the chat template's prompt ids produces, decoded
+    without the prompt or special tokens (checked one question at a time with generate itself)."""
+    import torch
+
+    from lora_helpers import chat
+
+    questions = ["What is your name?", "Where do you live?"]
+    answers, finished = evaluate.generate_answers(
+        tiny_model_4bit, tiny_tokenizer, questions, max_new_tokens=8, return_finished=True
     )
-    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
-    assert (
-        evaluate.exact_match_rate(answers, ["My name is Ada Quill.", "I live in a narrow blue house in Lisbon."]) == 0
-    )
+    for question, answer, stopped in zip(questions, answers, finished):
+        ids = chat.prompt_ids(tiny_tokenizer, chat.question_messages(question))
+        out = tiny_model_4bit.generate(
+            torch.tensor([ids]), **evaluate.greedy(8, pad_token_id=tiny_tokenizer.pad_token_id)
+        )[0, len(ids) :]
+        assert answer == tiny_tokenizer.decode(out, skip_special_tokens=True).strip()
+        assert stopped == (tiny_tokenizer.eos_token_id in out.tolist())
+    assert evaluate.exact_match_rate(answers, answers) == 1.0 and not any("[INST]" in a for a in answers)
 
 
 def test_left_padding_gives_each_prompt_its_own_answer(tiny_model_4bit, tiny_tokenizer):

@@ -17,8 +17,11 @@ def test_tiny_loads_unquantized_in_fp32(tiny_dir):
     assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32
 
 
-def test_tokenizer_gets_a_pad_token_that_is_not_eos(tiny_tokenizer):
-    assert tiny_tokenizer.pad_token_id != tiny_tokenizer.eos_token_id
+@pytest.mark.parametrize("model_id, pad", [("tiny-llama2", "<unk>"), ("tiny-llama3", "<|finetune_right_pad_id|>")])
+def test_loaded_tokenizers_pad_with_a_token_that_is_not_eos(model_id, pad, fresh_cache):
+    """The twins ship no pad token, as real Llama-2 and Llama-3 do: the course's loader must choose one."""
+    tokenizer = models.load_tokenizer(model_id)
+    assert tokenizer.pad_token == pad and tokenizer.pad_token_id != tokenizer.eos_token_id
 
 
 def test_unreachable_hub_id_says_how_to_work_offline():

@@ -207,6 +207,8 @@ def test_completion_only_loss_can_be_switched_off(tiny_tokenizer, tmp_path):
             report_to="none",
             per_device_train_batch_size=1,
             max_length=128,
+            dataloader_pin_memory=training.pin_memory(),
+            **training.checkpointing(False),
             **training.precision_flags(),
         )
         trainer = SFTTrainer(model=model, args=args, train_dataset=dataset.select([0]), processing_class=tiny_tokenizer)
