@@ -41,27 +41,6 @@ LLAMA2_CHAT_TEMPLATE = (
 PAD_CANDIDATES = ("<pad>", "<|finetune_right_pad_id|>", "<|pad|>", "<|padding|>", "[PAD]")
 
 
-def format_llama2(messages: list[dict], bos: str = "<s>", eos: str = "</s>") -> str:
-    """Llama-2's chat format written out in Python, to read (notebook 04): the same text as its template.
-
-    ``<s>[INST] <<SYS>>\\nsystem\\n<</SYS>>\\n\\nquestion [/INST] answer </s>`` per turn. The course never
-    tokenizes this text: it asks the template for ids (see the module's docstring for why).
-    """
-    system = None
-    if messages and messages[0]["role"] == "system":
-        system, messages = messages[0]["content"], messages[1:]
-    out = []
-    for i, message in enumerate(messages):
-        content = message["content"].strip()
-        if message["role"] == "user":
-            if i == 0 and system is not None:
-                content = f"<<SYS>>\n{system}\n<</SYS>>\n\n{content}"
-            out.append(f"{bos}[INST] {content} [/INST]")
-        else:
-            out.append(f" {content} {eos}")
-    return "".join(out)
-
-
 def use_chat_format(tokenizer, chat_format: str = "auto") -> str:
     """Set the chat template that training and generation will use; return the format in use.
 

@@ -67,7 +67,7 @@ def test_llama3_template_has_headers_date_lines_and_eot(fresh_cache):
     assert ids.count(tokenizer.convert_tokens_to_ids("<|start_header_id|>")) == 3  # special tokens stay whole
 
 
-def test_format_llama2_writes_what_the_llama2_template_renders(fresh_cache):
+def test_the_llama2_template_writes_the_llama2_format(fresh_cache):
     tokenizer = models.load_tokenizer("tiny-llama2", chat_format="auto")
     messages = [
         {"role": "system", "content": "Be brief."},
@@ -77,7 +77,6 @@ def test_format_llama2_writes_what_the_llama2_template_renders(fresh_cache):
         {"role": "assistant", "content": "Ciao"},
     ]
     rendered = tokenizer.apply_chat_template(messages, tokenize=False)
-    assert rendered == chat.format_llama2(messages)
     assert rendered == "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST] Hello </s><s>[INST] Bye [/INST] Ciao </s>"
 
 
@@ -120,7 +119,7 @@ def test_auto_chat_format_gives_a_base_model_the_llama2_template(tiny_tokenizer)
     with pytest.raises(ValueError, match="no chat template"):
         chat.use_chat_format(copy.deepcopy(base), "template")
     assert chat.use_chat_format(base, "auto") == "llama2"
-    assert base.apply_chat_template(QA["messages"], tokenize=False) == chat.format_llama2(QA["messages"])
+    assert base.apply_chat_template(QA["messages"], tokenize=False) == "<s>[INST] Who are you? [/INST] Ada Quill. </s>"
     llama3 = models.load_tokenizer("tiny-llama3")
     assert chat.use_chat_format(llama3, "llama2") == "llama2" and "[INST]" in llama3.chat_template
 
