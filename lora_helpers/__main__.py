@@ -6,7 +6,8 @@ import argparse
 import sys
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """Every command and its options (``python -m lora_helpers COMMAND --help``)."""
     parser = argparse.ArgumentParser(prog="python -m lora_helpers", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -86,89 +87,129 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("tiny", help="build (or find) the tiny model and print its directory")
     commands.add_parser("presets", help="list the presets")
 
-    args = parser.parse_args(argv)
-    if args.command == "course":
-        from lora_helpers import course as runner
+    return parser
 
-        try:
-            params = runner.parse_parameters(args.parameter)
-            summary = runner.run_course(
-                args.preset,
-                args.run_dir,
-                args.only,
-                params,
-                overwrite=args.overwrite,
-                rehearse_t4=args.rehearse_t4,
-                random_weights=args.random_weights,
-            )
-        except runner.CourseInterrupted as error:
-            print(f"\ninterrupted: {error}", file=sys.stderr)
-            return 130
-        except KeyboardInterrupt:  # between notebooks, or while the random-weight model is built
-            print("\ninterrupted.", file=sys.stderr)
-            return 130
-        except (runner.NotebookFailed, ValueError, TypeError, OSError, RuntimeError) as error:
-            print(f"\nerror: {error}", file=sys.stderr)
-            return 1
-        runner.print_summary(summary)
-    elif args.command == "train":
-        from lora_helpers import course as runner
-        from lora_helpers import launch, process
 
-        try:
-            log = launch.train(
-                args.preset,
-                args.run_dir,
-                runner.parse_parameters(args.parameter),
-                args.overwrite,
-                args.processes,
-                args.rehearse_t4,
-            )
-        except (ValueError, TypeError, OSError, RuntimeError) as error:
-            print(f"\nerror: {error}", file=sys.stderr)
-            return 1
-        if process.world()[0] == 0:
-            print(
-                f"trained on {log['world_size']} process(es), effective batch {log['effective_batch']}: "
-                f"train loss {log['first_train_loss']:.3f} -> {log['final_train_loss']:.3f}"
-            )
-    elif args.command == "plan":
-        import json
+def course(args) -> int:
+    """Run the notebooks in order (the README's "Run the course")."""
+    from lora_helpers import course as runner
 
-        from lora_helpers import course as runner
-        from lora_helpers import plan
-
-        result = plan.plan_for_preset(args.preset, **runner.parse_parameters(args.parameter))
-        print(json.dumps(result, indent=2) if args.json else plan.format_plan(result))
-    elif args.command == "bench":
-        from lora_helpers import bench as benchmark
-
-        result = benchmark.benchmark(
-            args.model, args.preset, args.steps, args.batch_size, args.max_length, args.repeats
+    try:
+        params = runner.parse_parameters(args.parameter)
+        summary = runner.run_course(
+            args.preset,
+            args.run_dir,
+            args.only,
+            params,
+            overwrite=args.overwrite,
+            rehearse_t4=args.rehearse_t4,
+            random_weights=args.random_weights,
         )
-        for path in benchmark.write_results(result, args.out):
-            print("wrote", path)
-        print(benchmark.markdown_table(result))
-    elif args.command == "links":
-        from lora_helpers import links
-
-        for path in links.write_links():
-            print("rewrote", path)
-    elif args.command == "images":
-        from lora_helpers import plots
-
-        for path in plots.draw_course_images(args.out):
-            print(path)
-    elif args.command == "tiny":
-        from lora_helpers import tiny
-
-        print(tiny.tiny_model_dir())
-    elif args.command == "presets":
-        from lora_helpers import presets
-
-        for name, settings in presets.PRESETS.items():
-            print(f"{name:<20} {settings.model_id:<36} {settings.description}")
+    except runner.CourseInterrupted as error:
+        print(f"\ninterrupted: {error}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # between notebooks, or while the random-weight model is built
+        print("\ninterrupted.", file=sys.stderr)
+        return 130
+    except (runner.NotebookFailed, ValueError, TypeError, OSError, RuntimeError) as error:
+        print(f"\nerror: {error}", file=sys.stderr)
+        return 1
+    runner.print_summary(summary)
     return 0
+
+
+def train(args) -> int:
+    """Notebook 04's training as a command, once per process under a launcher (notebook 07)."""
+    from lora_helpers import course as runner
+    from lora_helpers import launch, process
+
+    try:
+        log = launch.train(
+            args.preset,
+            args.run_dir,
+            runner.parse_parameters(args.parameter),
+            args.overwrite,
+            args.processes,
+            args.rehearse_t4,
+        )
+    except (ValueError, TypeError, OSError, RuntimeError) as error:
+        print(f"\nerror: {error}", file=sys.stderr)
+        return 1
+    if process.world()[0] == 0:
+        print(
+            f"trained on {log['world_size']} process(es), effective batch {log['effective_batch']}: "
+            f"train loss {log['first_train_loss']:.3f} -> {log['final_train_loss']:.3f}"
+        )
+    return 0
+
+
+def plan(args) -> int:
+    import json
+
+    from lora_helpers import course as runner
+    from lora_helpers import plan as planner
+
+    result = planner.plan_for_preset(args.preset, **runner.parse_parameters(args.parameter))
+    print(json.dumps(result, indent=2) if args.json else planner.format_plan(result))
+    return 0
+
+
+def bench(args) -> int:
+    from lora_helpers import bench as benchmark
+
+    result = benchmark.benchmark(args.model, args.preset, args.steps, args.batch_size, args.max_length, args.repeats)
+    for path in benchmark.write_results(result, args.out):
+        print("wrote", path)
+    print(benchmark.markdown_table(result))
+    return 0
+
+
+def links(args) -> int:
+    from lora_helpers import links as writer
+
+    for path in writer.write_links():
+        print("rewrote", path)
+    return 0
+
+
+def images(args) -> int:
+    from lora_helpers import plots
+
+    for path in plots.draw_course_images(args.out):
+        print(path)
+    return 0
+
+
+def tiny(args) -> int:
+    from lora_helpers import tiny as builder
+
+    print(builder.tiny_model_dir())
+    return 0
+
+
+def presets(args) -> int:
+    from lora_helpers import presets as recipes
+
+    for name, settings in recipes.PRESETS.items():
+        print(f"{name:<20} {settings.model_id:<36} {settings.description}")
+    return 0
+
+
+COMMANDS = {
+    "course": course,
+    "train": train,
+    "plan": plan,
+    "bench": bench,
+    "links": links,
+    "images": images,
+    "tiny": tiny,
+    "presets": presets,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return COMMANDS[args.command](args)
 
 
 if __name__ == "__main__":

@@ -219,7 +219,6 @@ def run_course(
 
 def _run_notebooks(preset, run_dir, notebooks, declared, params, overwrite, rehearse_t4, echo) -> dict:
     import papermill
-    from papermill.exceptions import PapermillExecutionError
 
     out_dir = run_dir / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -257,39 +256,17 @@ def _run_notebooks(preset, run_dir, notebooks, declared, params, overwrite, rehe
                 kernel_manager_class=kernel_manager_class(),
             )
         except (Exception, KeyboardInterrupt) as error:  # a cell that raised or hung, a dead kernel, Ctrl-C
-            cell, kind, message = (
-                (error.exec_count, error.ename, error.evalue)
-                if isinstance(error, PapermillExecutionError)
-                else ("?", type(error).__name__, str(error).strip().splitlines()[0] if str(error).strip() else "")
-            )
-            interrupted = kind == "KeyboardInterrupt"
             seconds = round(time.time() - start, 1)
-            status = "interrupted" if interrupted else "failed"
-            summary["notebooks"].append(
-                {"name": notebook.name, "seconds": seconds, "status": status, **read_peaks(peaks_file)}
-            )
-            summary["status"] = status
-            summary["error"] = {"notebook": notebook.name, "cell": cell, "type": kind, "message": message}
-            hint = ""
-            if kernel_log.exists() and kernel_log.stat().st_size:
-                hint += f"What the kernel process itself printed is in {kernel_log}.\n"
-            if kind == "DeadKernelError":
-                hint += (
-                    "The notebook's Python process died, most often for lack of host memory (the system killed it): "
-                    "see each notebook's peak in summary.json and `python -m lora_helpers plan`.\n"
-                )
+            summary["notebooks"].append({"name": notebook.name, "seconds": seconds, **read_peaks(peaks_file)})
             summary["next"] = next_command(preset, run_dir, notebook, params, overwrite)
+            failure = notebook_failure(error, summary, out_dir / notebook.name, kernel_log)
             try:
                 write_summary(run_dir, summary, time.time() - total_start)
                 written = f"summary.json says so, with the command to continue: {summary['next']}"
             except Exception as summary_error:  # the notebook's own error stays the one reported
                 written = f"(summary.json could not be written: {type(summary_error).__name__}: {summary_error})"
-            echo(f"{status.upper()} after {seconds} s")
-            where = f"{notebook.name} was interrupted" if interrupted else f"{notebook.name} failed"
-            raise (CourseInterrupted if interrupted else NotebookFailed)(
-                f"{where} in cell [{cell}]: {kind}: {message}\n{hint}"
-                f"The executed notebook, with the traceback, is {out_dir / notebook.name}.\n{written}"
-            ) from None
+            echo(f"{summary['status'].upper()} after {seconds} s")
+            raise type(failure)(f"{failure}\n{written}") from None
         seconds = round(time.time() - start, 1)
         if kernel_log.exists() and not kernel_log.stat().st_size:
             kernel_log.unlink()
@@ -301,6 +278,34 @@ def _run_notebooks(preset, run_dir, notebooks, declared, params, overwrite, rehe
 
 
 KERNEL_LOG_ENV = "LORA_COURSE_KERNEL_LOG"
+
+
+def notebook_failure(error: BaseException, summary: dict, executed: Path, kernel_log: Path) -> NotebookFailed:
+    """The error to raise for a notebook that failed or was interrupted, naming the cell, with what can explain it.
+
+    Marks the summary's last notebook and the run as failed or interrupted, and records the error in it."""
+    from papermill.exceptions import PapermillExecutionError
+
+    if isinstance(error, PapermillExecutionError):
+        cell, kind, message = error.exec_count, error.ename, error.evalue
+    else:
+        cell, kind, message = "?", type(error).__name__, (str(error).strip().splitlines() or [""])[0]
+    interrupted = kind == "KeyboardInterrupt"
+    status = "interrupted" if interrupted else "failed"
+    summary["notebooks"][-1]["status"] = summary["status"] = status
+    summary["error"] = {"notebook": executed.name, "cell": cell, "type": kind, "message": message}
+    hint = ""
+    if kernel_log.exists() and kernel_log.stat().st_size:
+        hint += f"What the kernel process itself printed is in {kernel_log}.\n"
+    if kind == "DeadKernelError":
+        hint += (
+            "The notebook's Python process died, most often for lack of host memory (the system killed it): "
+            "see each notebook's peak in summary.json and `python -m lora_helpers plan`.\n"
+        )
+    where = f"{executed.name} was interrupted" if interrupted else f"{executed.name} failed"
+    return (CourseInterrupted if interrupted else NotebookFailed)(
+        f"{where} in cell [{cell}]: {kind}: {message}\n{hint}The executed notebook, with the traceback, is {executed}."
+    )
 
 
 def read_peaks(path: Path) -> dict:

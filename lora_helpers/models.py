@@ -113,9 +113,7 @@ def load_tokenizer(model_id: str, trust_remote_code: bool = False, chat_format: 
 
     path = resolve_model_path(model_id)
     with load_errors_explained(model_id):
-        tokenizer = AutoTokenizer.from_pretrained(
-            path, trust_remote_code=warn_remote_code(model_id, trust_remote_code)
-        )
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=warn_remote_code(model_id, trust_remote_code))
     chat.choose_pad_token(tokenizer)
     if chat_format is not None:
         chat.use_chat_format(tokenizer, chat_format)
