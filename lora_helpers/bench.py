@@ -157,13 +157,65 @@ def _peak_memory() -> dict:
     return {"peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # kB on Linux
 
 
+def baseline_trainer(net, tokenizer, settings, train, output_dir, quiet: dict, callback):
+    """The Llama-2 about-me recipe's training: plain ``Trainer``, every example padded to ``max_length``, the
+    collator's labels (the loss on every token), with the course's ids, optimizer and checkpointing."""
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+    from lora_helpers import chat, training
+
+    tokenized = train.map(  # the same ids as the course's, every example padded to max_length
+        lambda ex: tokenizer.pad(
+            {"input_ids": chat.template_ids(tokenizer, ex["prompt"] + ex["completion"])[: settings.max_length]},
+            padding="max_length",
+            max_length=settings.max_length,
+        ),
+        remove_columns=train.column_names,
+    )
+    args = TrainingArguments(
+        output_dir=output_dir,
+        per_device_train_batch_size=settings.per_device_train_batch_size,
+        learning_rate=settings.learning_rate,
+        **training.checkpointing(settings.gradient_checkpointing),  # the same in every variant
+        dataloader_pin_memory=training.pin_memory(),
+        optim=training.optimizer_for_device(settings.optim),
+        report_to="none",
+        seed=0,
+        **training.precision_flags(),
+        **quiet,
+    )
+    collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    return Trainer(model=net, args=args, train_dataset=tokenized, data_collator=collator, callbacks=[callback])
+
+
+def planner_against_run(net, settings, train, compute_bytes: int) -> dict:
+    """The planner's weights, peak and activations beside the activations this model saves for one example."""
+    import torch
+
+    net.train()
+    example = torch.tensor(train[:1]["input_ids"], device=net.device)
+    one = plan.plan(
+        dataclasses.replace(settings, per_device_train_batch_size=1, gradient_checkpointing=False),
+        compute_bytes,
+        gpu=torch.cuda.is_available(),
+    )
+    planned = plan.plan(settings, compute_bytes, gpu=torch.cuda.is_available())
+    parts = planned["parts_gb"]
+    return {
+        "planned_weights_mb": (parts["quantized weights"] + parts["unquantized parts"]) * 1024,
+        "planned_peak_mb": planned["peak_gb"] * 1024,
+        "activations_mb": saved_for_backward_bytes(net, example) / 2**20,
+        "planned_activations_mb": (one["activations_gb"]["without"] + one["parts_gb"]["logits"] / 2) * 1024,
+    }
+
+
 def run_variant(variant: str, model: str, preset: str, steps: int, batch_size: int | None, max_length: int | None):
     """Train ``steps`` optimizer steps (after ``WARMUP_STEPS`` untimed ones) with one recipe; return measurements."""
     import torch
-    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments, set_seed
+    from transformers import set_seed
     from trl import SFTTrainer
 
-    from lora_helpers import chat, device, models, training
+    from lora_helpers import device, models, training
 
     overrides = {"per_device_train_batch_size": batch_size, "max_length": max_length}
     dataset = presets.get_preset(preset).dataset
@@ -190,30 +242,7 @@ def run_variant(variant: str, model: str, preset: str, steps: int, batch_size: i
         dataloader_drop_last=True,
     )
     if variant == "baseline":
-        tokenized = train.map(  # the same ids as the course's, every example padded to max_length
-            lambda ex: tokenizer.pad(
-                {"input_ids": chat.template_ids(tokenizer, ex["prompt"] + ex["completion"])[: settings.max_length]},
-                padding="max_length",
-                max_length=settings.max_length,
-            ),
-            remove_columns=train.column_names,
-        )
-        args = TrainingArguments(
-            output_dir=scratch,
-            per_device_train_batch_size=settings.per_device_train_batch_size,
-            learning_rate=settings.learning_rate,
-            **training.checkpointing(settings.gradient_checkpointing),  # the same in every variant
-            dataloader_pin_memory=training.pin_memory(),
-            optim=training.optimizer_for_device(settings.optim),
-            report_to="none",
-            seed=0,
-            **training.precision_flags(),
-            **quiet,
-        )
-        collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
-        trainer = Trainer(
-            model=net, args=args, train_dataset=tokenized, data_collator=collator, callbacks=[meter.callback]
-        )
+        trainer = baseline_trainer(net, tokenizer, settings, train, scratch, quiet, meter.callback)
     else:
         if variant == "course at max_length":
             train = full_length_dataset(tokenizer, 4 * settings.per_device_train_batch_size, settings.max_length)
@@ -222,23 +251,8 @@ def run_variant(variant: str, model: str, preset: str, steps: int, batch_size: i
             model=net, args=args, train_dataset=train, processing_class=tokenizer, callbacks=[meter.callback]
         )
         training.adapter_weights_to_float32(trainer.model)
-    planner = {}
-    if variant == "course at max_length":  # the planner against this run; activations for one example
-        net.train()
-        example = torch.tensor(train[:1]["input_ids"], device=net.device)
-        one = plan.plan(
-            dataclasses.replace(settings, per_device_train_batch_size=1, gradient_checkpointing=False),
-            compute_bytes,
-            gpu=torch.cuda.is_available(),
-        )
-        planned = plan.plan(settings, compute_bytes, gpu=torch.cuda.is_available())
-        parts = planned["parts_gb"]
-        planner = {
-            "planned_weights_mb": (parts["quantized weights"] + parts["unquantized parts"]) * 1024,
-            "planned_peak_mb": planned["peak_gb"] * 1024,
-            "activations_mb": saved_for_backward_bytes(net, example) / 2**20,
-            "planned_activations_mb": (one["activations_gb"]["without"] + one["parts_gb"]["logits"] / 2) * 1024,
-        }
+    # the planner against this run, with activations measured for one example
+    planner = planner_against_run(net, settings, train, compute_bytes) if variant == "course at max_length" else {}
     net.register_forward_pre_hook(meter.hook, with_kwargs=True)
     if torch.cuda.is_available():
         # The planner's measuring pass above leaves its graph to the garbage collector (6.5 GB for the 8B shape at
