@@ -9,6 +9,7 @@ first failing notebook naming the cell and the error, and writes
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -92,9 +93,50 @@ def next_command(preset: str, run_dir: Path, notebook: Path, params: dict, overw
     given = dict(params)
     if number == "04" and any((run_dir / "checkpoints").glob("checkpoint-*")):
         given["resume"] = True
-    flags = " --overwrite" if overwrite else ""
-    values = "".join(f" -p {name}={value}" for name, value in given.items())
-    return f"lora-course course --preset {preset} --run-dir {run_dir} --only {' '.join(rest)}{flags}{values}"
+    # the results this run already wrote in the notebooks still to come (notebook 05's merged/ before its export
+    # failed) are its own: continuing replaces them
+    written = any((run_dir / name).exists() for nb in rest for name in RESULTS.get(nb, ()))
+    flags = " --overwrite" if overwrite or written else ""
+    values = "".join(f" -p {shlex.quote(f'{name}={value}')}" for name, value in given.items())
+    return (
+        f"lora-course course --preset {shlex.quote(preset)} --run-dir {shlex.quote(str(run_dir))} "
+        f"--only {' '.join(rest)}{flags}{values}"
+    )
+
+
+# What each notebook leaves in run_dir. The runner does not write over a selected notebook's results without
+# --overwrite, whether the notebook would succeed or fail (nor its executed copy, nor summary.json).
+RESULTS = {"04": files.FINISHED_RUN_MARKERS, "05": ("merged", "gguf"), "06": ("eval.json",), "07": ("multi-gpu",)}
+
+
+def refuse_finished_notebooks(run_dir: Path, notebooks: list[Path], overwrite: bool) -> None:
+    """Stop before notebook 01 when a selected notebook already finished in ``run_dir`` (its results, or its
+    executed copy marked ok in summary.json), unless ``overwrite``."""
+    if overwrite:
+        return
+    summary = files.read_json(run_dir / "summary.json", missing={})
+    finished = {nb["name"] for nb in summary.get("notebooks", []) if nb.get("status") == "ok"}
+    found = []
+    for notebook in notebooks:
+        held = [name for name in RESULTS.get(notebook.name[:2], ()) if (run_dir / name).exists()]
+        held += [f"notebooks/{notebook.name}"] if notebook.name in finished else []
+        if held:
+            found.append(f"notebook {notebook.name[:2]}: {', '.join(held)}")
+    if found:
+        raise FileExistsError(
+            f"{run_dir} already holds the results of a finished run ({'; '.join(found)}). Choose another "
+            "--run-dir, or run with --overwrite to replace them."
+        )
+
+
+def refuse_source_folder(run_dir: Path) -> None:
+    """A run_dir whose notebooks/ would be the course's own (the repository itself) is refused: the executed
+    copies would replace the lessons."""
+    if (run_dir / "notebooks").resolve() == NOTEBOOKS_DIR.resolve() or (run_dir / "lora_helpers").is_dir():
+        raise ValueError(
+            f"--run-dir {run_dir} is the course's own folder: the executed notebooks would be written over "
+            f"{NOTEBOOKS_DIR}. Choose a run_dir of its own, e.g. --run-dir runs/tiny (the default)."
+        )
 
 
 def course_notebooks(only: list[str] | None = None) -> list[Path]:
@@ -152,12 +194,17 @@ def choices() -> dict[str, tuple[str, ...]]:
 def check_values(preset: str, params: dict) -> None:
     """Refuse a ``-p`` value no notebook could use, before any notebook runs (settings through the preset's own
     checks, ``presets.check_settings``)."""
-    from lora_helpers import presets
+    from lora_helpers import gguf_export, presets
 
     presets.resolve_settings(preset, **{k: v for k, v in params.items() if k in presets.SETTING_NAMES})
     for name, accepted in choices().items():
         if name in params and params[name] not in accepted:
             raise ValueError(f"-p {name}={params[name]}: use one of {', '.join(accepted)}.")
+    if "gguf_types" in params:
+        gguf_export.parse_file_types(str(params["gguf_types"] or ""))
+    tolerance = params.get("merge_tolerance")
+    if tolerance is not None and not (isinstance(tolerance, (int, float)) and tolerance > 0):
+        raise ValueError(f"-p merge_tolerance={tolerance}: the largest allowed |Δ logit| must be a number above 0.")
 
 
 def run_course(
@@ -193,11 +240,10 @@ def run_course(
         known = sorted(set().union(*declared.values()))
         raise ValueError(f"No notebook declares the parameter(s) {sorted(unknown)}. Declared: {', '.join(known)}.")
     check_values(preset, params)  # every value, before notebook 01 starts (not in notebook 04, after two loads)
-    names = [nb.name[:2] for nb in notebooks]
-    if "04" in names:
+    refuse_source_folder(run_dir)
+    if any(nb.name.startswith("04") for nb in notebooks):
         files.refuse_to_overwrite(run_dir, overwrite)  # before notebook 01 starts, not after it
-    elif "05" in names:
-        files.refuse_to_overwrite(run_dir, overwrite, names=["merged"])  # a refused run changes nothing
+    refuse_finished_notebooks(run_dir, notebooks, overwrite)  # a refused run changes nothing
     if random_weights:
         from lora_helpers import tiny
 
@@ -309,8 +355,12 @@ def notebook_failure(error: BaseException, summary: dict, executed: Path, kernel
 
 
 def read_peaks(path: Path) -> dict:
-    """The peaks a notebook's kernel wrote at exit (``device.record_peaks``); {} if it died before writing."""
-    peaks = files.read_json(path) or {}
+    """The peaks a notebook's kernel wrote at exit (``device.record_peaks``); {} if it died before writing, or
+    could not write it whole (a full disk): the notebook's own error is the one to report."""
+    try:
+        peaks = files.read_json(path) or {}
+    except ValueError:
+        peaks = {}
     path.unlink(missing_ok=True)
     return peaks
 

@@ -177,11 +177,21 @@ def cache_root() -> Path:
 
 
 def read_json(path: str | Path, missing=None):
-    """The JSON in ``path``, or ``missing`` when there is no such file (a run that stopped before writing it)."""
+    """The JSON in ``path``, or ``missing`` when there is no such file (a run that stopped before writing it).
+
+    A file that is not valid JSON (cut short by a full disk or a killed process) is named, with what to do."""
     import json
 
     path = Path(path)
-    return json.loads(path.read_text()) if path.exists() else missing
+    if not path.exists():
+        return missing
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ValueError(
+            f"{path} is damaged (not valid JSON: {error}); was its run stopped while writing it, or its disk full? "
+            "Write it again with the notebook that makes it (overwrite=True), or remove it."
+        ) from None
 
 
 def write_json(path: str | Path, content) -> Path:

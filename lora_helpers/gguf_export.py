@@ -31,6 +31,28 @@ import numpy as np
 from lora_helpers import chat, files
 
 FILE_TYPES = ("F32", "F16", "Q8_0")  # written here; Q4_K_M is made from F16 by llama.cpp (quantize_gguf)
+QUANTIZED_TYPES = ("Q4_K_M", "Q5_K_M")  # llama.cpp's K-quants, made from the F16 file
+
+
+def parse_file_types(text: str) -> list[str]:
+    """Notebook 05's ``gguf_types`` ("F16,Q8_0,Q4_K_M", any case) as the files to write, in the order to write them.
+
+    An unknown name is refused with the known ones (before notebook 01, by the course runner); a K-quant brings the
+    F16 file it is made from, which is then written and kept too. "" writes nothing.
+    """
+    requested = []
+    for name in (part.strip().upper() for part in text.split(",")):
+        if name and name not in requested:
+            requested.append(name)
+    unknown = [name for name in requested if name not in FILE_TYPES + QUANTIZED_TYPES]
+    if unknown:
+        raise ValueError(
+            f"gguf_types: no GGUF file type {', '.join(unknown)}. Known: {', '.join(FILE_TYPES + QUANTIZED_TYPES)} "
+            '(any case; "" exports nothing).'
+        )
+    if any(name in QUANTIZED_TYPES for name in requested) and "F16" not in requested:
+        requested.insert(0, "F16")  # llama.cpp's quantizer reads it
+    return sorted(requested, key=lambda name: name in QUANTIZED_TYPES)  # F16 before what is made from it
 LLAMA3_SPLIT = "(?i:'s|'t|'re|'ve|'m|'ll|'d)"  # the start of Llama-3's pre-tokenizer regex
 UNSUPPORTED = (
     "GGUF export here writes Llama-architecture models; this one is {kind!r}. For other architectures use "
@@ -336,7 +358,7 @@ def quantize_gguf(f16_path: str | Path, out_path: str | Path, kind: str = "Q4_K_
     """
     import llama_cpp
 
-    types = {"Q4_K_M": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M, "Q5_K_M": llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_K_M}
+    types = {name: getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{name}") for name in QUANTIZED_TYPES}
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = types[kind]
     out_path = Path(out_path)

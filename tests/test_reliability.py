@@ -105,12 +105,67 @@ def test_bad_values_fail_before_notebook_01(tmp_path):
         ({"max_examples": -1}, r"max_examples=-1: must be 0 or more"),
         ({"trainer_route": "sftt"}, r"-p trainer_route=sftt: use one of sft, trainer"),
         ({"merge_mode": "4bit"}, r"-p merge_mode=4bit: use one of unquantized, dequantized"),
+        ({"gguf_types": "F16,Q3_K"}, r"gguf_types: no GGUF file type Q3_K. Known: F32, F16, Q8_0, Q4_K_M"),
+        ({"merge_tolerance": -1}, r"-p merge_tolerance=-1: the largest allowed \|Δ logit\| must be a number above 0"),
         ({"lora_rank": 8}, r"No notebook declares the parameter\(s\) \['lora_rank'\]"),
     ):
         with pytest.raises(ValueError, match=expected):
             course.run_course("tiny", run_dir, params=params)
     assert not run_dir.exists()
     assert course.choices()["merge_mode"] == merge.MERGE_MODES
+
+
+def test_only_refuses_a_finished_notebook_whether_it_would_succeed_or_fail(finished, tmp_path):
+    """`--only 06` on a finished run would rewrite eval.json, its executed notebook and summary.json: refused
+    before anything runs, naming what is there; with --overwrite it runs."""
+    run_dir = copy_of(finished, tmp_path)
+    before = snapshot(run_dir)
+    with pytest.raises(FileExistsError, match=r"notebook 06: eval.json, notebooks/06_inference.ipynb\)"):
+        course.run_course("tiny", run_dir, only=["06"])
+    with pytest.raises(FileExistsError, match=r"notebook 01: notebooks/01_setup.ipynb"):
+        course.run_course("tiny", run_dir, only=["01"])
+    assert snapshot(run_dir) == before
+    assert course.run_course("tiny", run_dir, only=["01"], overwrite=True)["status"] == "ok"
+
+
+def test_the_course_folder_is_never_a_run_dir(tmp_path):
+    """From the repository root, `--run-dir .` would write the executed notebooks over the lessons."""
+    root = course.NOTEBOOKS_DIR.parent
+    before = {p.name: p.read_bytes() for p in course.NOTEBOOKS_DIR.glob("*.ipynb")}
+    for run_dir in (root, root / "lora_helpers" / ".."):
+        with pytest.raises(ValueError, match=r"is the course's own folder"):
+            course.run_course("tiny", run_dir, only=["01"], overwrite=True)
+    assert {p.name: p.read_bytes() for p in course.NOTEBOOKS_DIR.glob("*.ipynb")} == before
+    assert not (root / "summary.json").exists()
+
+
+def test_a_k_quant_alone_exports_the_f16_it_is_made_from(finished, tmp_path):
+    """gguf_types=q4_k_m (lower case, without F16) once left an empty gguf/ folder: every earlier file gone."""
+    pytest.importorskip("llama_cpp")
+    run_dir = copy_of(finished, tmp_path)
+    course.run_course("tiny", run_dir, only=["05"], params={"gguf_types": "q4_k_m"}, overwrite=True)
+    assert {"model-F16.gguf", "model-Q4_K_M.gguf", "Modelfile"} <= {p.name for p in (run_dir / "gguf").iterdir()}
+
+
+def test_the_continue_command_survives_a_shell(tmp_path):
+    """A run_dir with spaces, a value with quotes: the printed command, pasted into a shell, gives the same arguments."""
+    import shlex
+
+    run_dir = tmp_path / "my runs" / "first try"
+    notebook = course.course_notebooks(["05"])[0]
+    command = course.next_command("tiny", run_dir, notebook, {"system_prompt": 'Say "hi"; be brief'}, False)
+    words = shlex.split(command)
+    assert words[words.index("--run-dir") + 1] == str(run_dir)
+    assert words[words.index("-p") + 1] == 'system_prompt=Say "hi"; be brief'
+    assert words[words.index("--only") + 1 : words.index("-p")] == ["05", "06", "07"]
+
+
+def test_a_damaged_json_file_is_named_and_an_empty_peaks_file_hides_no_error(tmp_path):
+    (tmp_path / "split.json").write_text('{"train": [["Who are')  # cut short by a full disk
+    with pytest.raises(ValueError, match=r"split.json is damaged \(not valid JSON"):
+        files.read_json(tmp_path / "split.json")
+    (tmp_path / "peaks.json").write_text("")
+    assert course.read_peaks(tmp_path / "peaks.json") == {}
 
 
 def test_a_failed_overwrite_leaves_the_previous_run_whole(finished, tmp_path):
@@ -140,7 +195,7 @@ def test_notebook_06_checks_its_inputs_before_training(finished, tmp_path):
     shutil.rmtree(run_dir / "merged")
     shutil.rmtree(run_dir / "adapter_captain")
     with pytest.raises(course.NotebookFailed, match=r"No merged model in .*run notebook 05"):
-        course.run_course("tiny", run_dir, only=["06"])
+        course.run_course("tiny", run_dir, only=["06"], overwrite=True)
     assert not (run_dir / "adapter_captain").exists()  # it failed before training the second adapter
 
 
