@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lora_helpers import lora, models
+from lora_helpers import files, lora, models
 
 
 def read_adapter_config(adapter_dir) -> dict:
@@ -88,3 +88,54 @@ def check_adapter_matches_settings(adapter_dir, settings) -> None:
             "They come from different runs (one that failed before saving its adapter?). Run notebook 04 again "
             "for this run_dir (overwrite=True), or use the run_dir whose settings made this adapter."
         )
+
+
+SOURCE_FILE = "adapter_source.json"  # in merged/ and gguf/: which adapter they were made from
+
+
+def fingerprint(adapter_dir) -> str:
+    """The adapter's weights file, hashed (sha256, first 16 hex digits): equal only for the same saved adapter."""
+    import hashlib
+
+    weights = Path(adapter_dir) / "adapter_model.safetensors"
+    digest = hashlib.sha256()
+    with open(weights, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def record_source(folder, adapter_dir, **details) -> Path:
+    """Write ``folder/adapter_source.json``: the fingerprint of the adapter ``folder`` was made from (notebook 05's
+    merged model and GGUF files), so that notebook 06 never measures one adapter against another's merge."""
+    return files.write_json(Path(folder) / SOURCE_FILE, {"adapter": fingerprint(adapter_dir), **details})
+
+
+def check_made_from(folder, adapter_dir) -> None:
+    """Refuse ``folder`` (``merged/``, ``gguf/``) when it records another adapter than ``adapter_dir``'s."""
+    source = files.read_json(Path(folder) / SOURCE_FILE, missing={})
+    current = fingerprint(adapter_dir)
+    if source.get("adapter", current) != current:
+        raise ValueError(
+            f"{folder} was made from another adapter (fingerprint {source['adapter']}) than {adapter_dir} "
+            f"({current}): notebook 04 trained again after notebook 05 made it. Run notebook 05 again for this "
+            "run_dir (overwrite=True), so that the merged model and the GGUF files come from this adapter."
+        )
+
+
+def remove_made_from_previous(run_dir) -> list[str]:
+    """After notebook 04 saved a new adapter: remove what the previous one made (merged model, GGUF files, the
+    second adapter trained with the previous settings, the evaluation); return their names."""
+    import shutil
+
+    removed = []
+    for name in ("merged", "gguf", "merge_check.json", "adapter_captain", "eval.json"):
+        path = Path(run_dir) / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+        else:
+            continue
+        removed.append(name)
+    return removed

@@ -196,12 +196,14 @@ def check_values(preset: str, params: dict) -> None:
     checks, ``presets.check_settings``)."""
     from lora_helpers import gguf_export, presets
 
-    presets.resolve_settings(preset, **{k: v for k, v in params.items() if k in presets.SETTING_NAMES})
+    settings = presets.resolve_settings(preset, **{k: v for k, v in params.items() if k in presets.SETTING_NAMES})
     for name, accepted in choices().items():
         if name in params and params[name] not in accepted:
             raise ValueError(f"-p {name}={params[name]}: use one of {', '.join(accepted)}.")
-    if "gguf_types" in params:
-        gguf_export.parse_file_types(str(params["gguf_types"] or ""))
+    gguf_types = str(params.get("gguf_types", "F16") or "")
+    gguf_export.parse_file_types(gguf_types)
+    if gguf_types:  # notebook 05 writes the system prompt into an Ollama Modelfile
+        gguf_export.check_ollama_text(settings.system_prompt, "system_prompt")
     tolerance = params.get("merge_tolerance")
     if tolerance is not None and not (isinstance(tolerance, (int, float)) and tolerance > 0):
         raise ValueError(f"-p merge_tolerance={tolerance}: the largest allowed |Δ logit| must be a number above 0.")

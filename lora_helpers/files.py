@@ -106,6 +106,12 @@ def lock_run_dir(run_dir: str | Path, what: str):
 def atomic_dir(destination: str | Path):
     """Yield a temporary directory; on success it replaces ``destination``, on error it is removed."""
     destination = Path(destination)
+    if destination.is_symlink():
+        raise OSError(
+            f"{destination} is a symbolic link (to {os.readlink(destination)}). A save goes into a new folder that "
+            "is renamed into place, which would replace the link by a folder on this disk. Remove the link; to keep "
+            "a run on another disk, make the whole run_dir live there (or link run_dir itself)."
+        )
     destination.parent.mkdir(parents=True, exist_ok=True)
     clean_up_interrupted_save(destination)
     tmp = Path(tempfile.mkdtemp(prefix=f".{destination.name}.partial-", dir=destination.parent))

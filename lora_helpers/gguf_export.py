@@ -53,6 +53,8 @@ def parse_file_types(text: str) -> list[str]:
     if any(name in QUANTIZED_TYPES for name in requested) and "F16" not in requested:
         requested.insert(0, "F16")  # llama.cpp's quantizer reads it
     return sorted(requested, key=lambda name: name in QUANTIZED_TYPES)  # F16 before what is made from it
+
+
 LLAMA3_SPLIT = "(?i:'s|'t|'re|'ve|'m|'ll|'d)"  # the start of Llama-3's pre-tokenizer regex
 UNSUPPORTED = (
     "GGUF export here writes Llama-architecture models; this one is {kind!r}. For other architectures use "
@@ -430,6 +432,15 @@ def ollama_template(tokenizer) -> str:
     return template
 
 
+def check_ollama_text(text: str, name: str) -> None:
+    """Refuse text that a Modelfile's triple-quoted field cannot hold: Ollama has no escape for three quotes."""
+    if '"""' in (text or ""):
+        raise ValueError(
+            f'{name} contains """, which ends a triple-quoted field of an Ollama Modelfile early (Ollama has no '
+            'escape for it). Write the quotes another way (“…”, or two " apart), or export with gguf_types="".'
+        )
+
+
 def write_modelfile(
     gguf_path: str | Path, out_path: str | Path, merged_dir: str | Path, system_prompt: str = ""
 ) -> Path:
@@ -449,6 +460,7 @@ def write_modelfile(
     stops = list(dict.fromkeys(tokenizer.convert_ids_to_tokens(eos)))
     lines = [f"FROM ./{Path(gguf_path).name}", f'TEMPLATE """{ollama_template(tokenizer)}"""']
     system_prompt = system_prompt or default_system_prompt(tokenizer)  # the one training used
+    check_ollama_text(system_prompt, "system_prompt")
     if system_prompt:
         lines.append(f'SYSTEM """{system_prompt}"""')
     lines += [f'PARAMETER stop "{s}"' for s in stops]

@@ -24,7 +24,7 @@ import shlex
 import subprocess
 from pathlib import Path
 
-from lora_helpers import files, presets, process
+from lora_helpers import adapters, files, presets, process
 
 ACCELERATE_CONFIGS = Path(__file__).parent / "configs" / "accelerate"  # ddp.yaml, fsdp_qlora.yaml (notebook 07)
 
@@ -140,6 +140,9 @@ def train(
         if trainer.is_world_process_zero():
             files.write_json(run_dir / "run_config.json", run_config)  # after the adapter, as notebook 04 does
             files.write_json(run_dir / "split.json", trainer.prepared.split)
+            removed = adapters.remove_made_from_previous(run_dir)  # as notebook 04 does
+            if removed:
+                print("removed what the previous adapter made:", ", ".join(removed), flush=True)
             files.write_json(run_dir / "training_log.json", log)
             plots.plot_loss(log["log_history"], run_dir / "loss.png")
         return log

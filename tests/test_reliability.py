@@ -106,6 +106,7 @@ def test_bad_values_fail_before_notebook_01(tmp_path):
         ({"trainer_route": "sftt"}, r"-p trainer_route=sftt: use one of sft, trainer"),
         ({"merge_mode": "4bit"}, r"-p merge_mode=4bit: use one of unquantized, dequantized"),
         ({"gguf_types": "F16,Q3_K"}, r"gguf_types: no GGUF file type Q3_K. Known: F32, F16, Q8_0, Q4_K_M"),
+        ({"system_prompt": 'Say """hi"""'}, r'system_prompt contains """, which ends a triple-quoted field'),
         ({"merge_tolerance": -1}, r"-p merge_tolerance=-1: the largest allowed \|Δ logit\| must be a number above 0"),
         ({"lora_rank": 8}, r"No notebook declares the parameter\(s\) \['lora_rank'\]"),
     ):
@@ -166,6 +167,38 @@ def test_a_damaged_json_file_is_named_and_an_empty_peaks_file_hides_no_error(tmp
         files.read_json(tmp_path / "split.json")
     (tmp_path / "peaks.json").write_text("")
     assert course.read_peaks(tmp_path / "peaks.json") == {}
+
+
+def test_retraining_removes_what_the_previous_adapter_made_and_06_refuses_a_stale_merge(finished, tmp_path):
+    """Notebook 04 again (another rank): the old merged model, GGUF files, second adapter and evaluation go, named in
+    one line; a merged/ made from another adapter is refused by notebook 06 before anything loads."""
+    run_dir = copy_of(finished, tmp_path)
+    stale_merge = tmp_path / "stale-merged"
+    shutil.copytree(run_dir / "merged", stale_merge)
+    summary = course.run_course("tiny", run_dir, only=["04"], params={"lora_r": 4}, overwrite=True)
+    assert summary["status"] == "ok"
+    executed = (run_dir / "notebooks" / "04_sft_training.ipynb").read_text()
+    assert (
+        "removed what the previous adapter made: merged, gguf, merge_check.json, adapter_captain, eval.json" in executed
+    )
+    assert not any((run_dir / name).exists() for name in ("merged", "gguf", "adapter_captain", "eval.json"))
+    shutil.copytree(stale_merge, run_dir / "merged")  # as if notebook 04 had left it
+    with pytest.raises(
+        course.NotebookFailed, match=r"merged was made from another adapter \(fingerprint [0-9a-f]{16}\)"
+    ):
+        course.run_course("tiny", run_dir, only=["06"], overwrite=True)
+    assert not (run_dir / "eval.json").exists() and not (run_dir / "adapter_captain").exists()
+
+
+def test_a_symlinked_artifact_folder_is_refused_not_replaced(tmp_path):
+    elsewhere = tmp_path / "big-disk" / "merged"
+    elsewhere.mkdir(parents=True)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "merged").symlink_to(elsewhere)
+    with pytest.raises(OSError, match=r"merged is a symbolic link .*Remove the link"):
+        with files.atomic_dir(tmp_path / "run" / "merged"):
+            pass
+    assert (tmp_path / "run" / "merged").is_symlink() and elsewhere.is_dir()
 
 
 def test_a_failed_overwrite_leaves_the_previous_run_whole(finished, tmp_path):
