@@ -129,6 +129,18 @@ def refuse_finished_notebooks(run_dir: Path, notebooks: list[Path], overwrite: b
         )
 
 
+def check_resume(preset: str, run_dir: Path, params: dict) -> None:
+    """``-p resume=True``: the settings notebook 04 would train with must be the ones its checkpoints started with
+    (``training.check_resume_settings``), checked before notebook 01."""
+    import dataclasses
+
+    from lora_helpers import presets, training
+
+    settings = presets.resolve_settings(preset, **{k: v for k, v in params.items() if k in presets.SETTING_NAMES})
+    run_config = {**dataclasses.asdict(settings), "trainer_route": params.get("trainer_route", "sft")}
+    training.check_resume_settings(run_dir / "checkpoints", run_config)
+
+
 def refuse_source_folder(run_dir: Path) -> None:
     """A run_dir whose notebooks/ would be the course's own (the repository itself) is refused: the executed
     copies would replace the lessons."""
@@ -243,6 +255,8 @@ def run_course(
         raise ValueError(f"No notebook declares the parameter(s) {sorted(unknown)}. Declared: {', '.join(known)}.")
     check_values(preset, params)  # every value, before notebook 01 starts (not in notebook 04, after two loads)
     refuse_source_folder(run_dir)
+    if params.get("resume") and any(nb.name.startswith("04") for nb in notebooks):
+        check_resume(preset, run_dir, params)
     if any(nb.name.startswith("04") for nb in notebooks):
         files.refuse_to_overwrite(run_dir, overwrite)  # before notebook 01 starts, not after it
     refuse_finished_notebooks(run_dir, notebooks, overwrite)  # a refused run changes nothing

@@ -8,6 +8,7 @@ the same way, as d2l does with functions taught in earlier chapters.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from pathlib import Path
 from typing import NamedTuple
@@ -253,16 +254,46 @@ def last_complete_checkpoint(checkpoint_dir) -> str | None:
     return str(max(complete, key=lambda p: int(p.name.split("-")[-1]))) if complete else None
 
 
-def prepare_checkpoints(checkpoint_dir, resume: bool, overwrite: bool):
-    """What to pass as ``resume_from_checkpoint``; refuse to mix a new run with an interrupted one's checkpoints."""
+# Settings a resumed run may change: how long it goes on, how often it logs, what it generates afterwards.
+RESUMABLE_CHANGES = ("num_train_epochs", "logging_steps", "early_stopping_patience", "max_new_tokens", "processes")
+
+
+def check_resume_settings(checkpoint_dir, run_config: dict) -> None:
+    """Refuse to resume checkpoints made with other settings: the adapter would be two trainings in one, while
+    ``run_config.json`` and ``split.json`` describe only the second (another rank fails with a long size mismatch).
+    The checkpoints' settings are the ``run_config.json`` written beside them when the run started."""
+    started = files.read_json(Path(checkpoint_dir) / "run_config.json", missing=None)
+    if started is None or last_complete_checkpoint(checkpoint_dir) is None:
+        return
+    changed = [
+        f"{name}={run_config.get(name)!r} (started with {started.get(name)!r})"
+        for name in sorted(set(started) | set(run_config))
+        if name not in RESUMABLE_CHANGES and started.get(name) != run_config.get(name)
+    ]
+    if changed:
+        raise ValueError(
+            f"resume=True, but the checkpoints in {checkpoint_dir} were made with other settings: {'; '.join(changed)}. "
+            "Either continue with the settings the run started with (drop those -p values), or start again "
+            "without resume, with overwrite=True."
+        )
+
+
+def prepare_checkpoints(checkpoint_dir, resume: bool, overwrite: bool, run_config: dict | None = None):
+    """What to pass as ``resume_from_checkpoint``; refuse to mix a new run with an interrupted one's checkpoints.
+
+    With ``run_config`` (the run's settings), a new run writes them beside its checkpoints and a resumed one must
+    have the same (``check_resume_settings``).
+    """
     checkpoint_dir = Path(checkpoint_dir)
     remove_incomplete_checkpoints(checkpoint_dir)
     last = last_complete_checkpoint(checkpoint_dir)
-    if resume:
-        if last is None:
-            print(f"resume=True, but there is no checkpoint in {checkpoint_dir}: starting from the beginning.")
+    if resume and last is not None:
+        if run_config is not None:
+            check_resume_settings(checkpoint_dir, run_config)
         return last
-    if last is not None:
+    if resume:
+        print(f"resume=True, but there is no checkpoint in {checkpoint_dir}: starting from the beginning.")
+    elif last is not None:
         if not overwrite:
             raise FileExistsError(
                 f"{checkpoint_dir} holds checkpoints of an interrupted run ({Path(last).name}). Pass resume=True "
@@ -271,6 +302,9 @@ def prepare_checkpoints(checkpoint_dir, resume: bool, overwrite: bool):
         import shutil
 
         shutil.rmtree(checkpoint_dir)
+    if run_config is not None:
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        files.write_json(checkpoint_dir / "run_config.json", run_config)  # what a resumed run must match
     return None
 
 
@@ -391,7 +425,8 @@ def train_adapter(
 
     checkpoint_dir = checkpoint_dir or f"{output_dir}-checkpoints"
     if process.world()[0] == 0:
-        resume_from = prepare_checkpoints(checkpoint_dir, resume, overwrite)
+        run_config = saved_with if saved_with is not None else dataclasses.asdict(settings)
+        resume_from = prepare_checkpoints(checkpoint_dir, resume, overwrite, run_config)
     else:  # the main process alone removes or refuses; the others only find the checkpoint to resume from
         resume_from = last_complete_checkpoint(checkpoint_dir) if resume else None
     set_seed(settings.seed)

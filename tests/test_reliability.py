@@ -8,6 +8,7 @@ crashed run says how to continue.
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -287,6 +288,11 @@ def test_ctrl_c_during_training_leaves_a_summary_and_resuming_matches_an_uninter
     assert "--only 04 05 06" in summary["next"] and "-p resume=True" in summary["next"]
     assert not (run_dir / ".lock").exists()
 
+    before = snapshot(run_dir)
+    for changed, named in (({"lora_r": 4}, "lora_r=4 (started with 16)"), ({"learning_rate": 0.01}, "learning_rate")):
+        with pytest.raises(ValueError, match=rf"checkpoints .* were made with other settings: {re.escape(named)}"):
+            course.run_course("tiny", run_dir, only=["04"], params={"resume": True, **changed})
+    assert snapshot(run_dir) == before  # refused before notebook 01
     course.run_course("tiny", run_dir, only=["04"], params={"resume": True})
     resumed = load_file(run_dir / "adapter" / "adapter_model.safetensors")
     straight = load_file(finished / "adapter" / "adapter_model.safetensors")
