@@ -6,7 +6,6 @@ pickled file fails here with both names, instead of loading into a model it does
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from lora_helpers import files, lora, models
@@ -17,7 +16,31 @@ def read_adapter_config(adapter_dir) -> dict:
     path = Path(adapter_dir) / "adapter_config.json"
     if not path.exists():
         raise FileNotFoundError(f"No adapter in {adapter_dir}: run notebook 04 (training) with this run_dir first.")
-    return json.loads(path.read_text())
+    return files.read_json(path)  # a damaged file is named
+
+
+def check_adapter_weights(adapter_dir, config: dict) -> None:
+    """The weights file is whole and has the rank ``adapter_config.json`` says, read from its header alone (no
+    model needed): a truncated file, or weights of another run beside the config, are named here."""
+    from safetensors import safe_open
+
+    weights = Path(adapter_dir) / "adapter_model.safetensors"
+    if not weights.exists():
+        return  # check_adapter_matches_base names the missing file (and refuses a pickled .bin)
+    try:
+        with safe_open(weights, "pt") as f:
+            ranks = {f.get_slice(key).get_shape()[0] for key in f.keys() if ".lora_A" in key}
+    except Exception as error:  # safetensors' own error for a truncated or foreign file
+        raise ValueError(
+            f"{weights} is damaged ({type(error).__name__}: {error}): was its save interrupted? Run notebook 04 "
+            "again for this run_dir (overwrite=True)."
+        ) from None
+    if not config.get("rank_pattern") and ranks and ranks != {config.get("r")}:
+        raise ValueError(
+            f"{weights} holds adapters of rank {', '.join(map(str, sorted(ranks)))}, but adapter_config.json beside "
+            f"it says r={config.get('r')}: the two files come from different runs. Run notebook 04 again for this "
+            "run_dir (overwrite=True)."
+        )
 
 
 def check_adapter_matches_base(adapter_dir, model) -> None:
@@ -63,6 +86,7 @@ def check_adapter_matches_settings(adapter_dir, settings) -> None:
     """
     adapter_dir = Path(adapter_dir)
     config = read_adapter_config(adapter_dir)
+    check_adapter_weights(adapter_dir, config)
     problems = []
     if config.get("r") != settings.lora_r:
         problems.append(f"r={config.get('r')} (run_config.json: lora_r={settings.lora_r})")
@@ -79,7 +103,7 @@ def check_adapter_matches_settings(adapter_dir, settings) -> None:
         )
     saved = adapter_dir / "run_config.json"
     if saved.exists():
-        differing = [k for k, v in json.loads(saved.read_text()).items() if getattr(settings, k, v) != v]
+        differing = [k for k, v in files.read_json(saved).items() if getattr(settings, k, v) != v]
         if differing:
             problems.append(f"settings saved with it differ in {', '.join(sorted(differing))}")
     if problems:

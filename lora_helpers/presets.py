@@ -328,7 +328,12 @@ def load_run_settings(run_dir) -> Settings:
             f"No {path.name} in {run_dir}: run notebook 04 (training) with this run_dir first, "
             "or point run_dir at the folder of an earlier run."
         )
-    saved = json.loads(path.read_text())
+    try:
+        saved = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ValueError(
+            f"{path} is damaged (not valid JSON: {error}): run notebook 04 again for this run_dir (overwrite=True)."
+        ) from None
     return resolve_settings(saved["preset"], **{k: saved[k] for k in SETTING_NAMES if k in saved})
 
 

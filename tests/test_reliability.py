@@ -191,6 +191,26 @@ def test_retraining_removes_what_the_previous_adapter_made_and_06_refuses_a_stal
     assert not (run_dir / "eval.json").exists() and not (run_dir / "adapter_captain").exists()
 
 
+def test_damaged_or_foreign_adapter_files_are_named_before_any_model_loads(finished, tmp_path):
+    run_dir = copy_of(finished, tmp_path)
+    settings = presets.load_run_settings(run_dir)
+    weights, config = run_dir / "adapter" / "adapter_model.safetensors", run_dir / "adapter" / "adapter_config.json"
+    good_weights, good_config = weights.read_bytes(), config.read_text()
+    weights.write_bytes(good_weights[: len(good_weights) // 2])  # a save cut short
+    with pytest.raises(ValueError, match=r"adapter_model.safetensors is damaged \(SafetensorError"):
+        adapters.check_adapter_matches_settings(run_dir / "adapter", settings)
+    weights.write_bytes(good_weights)
+    config.write_text(good_config.replace('"r": 16', '"r": 8'))  # weights of one run beside another's config
+    with pytest.raises(ValueError, match=r"holds adapters of rank 16, but adapter_config.json beside it says r=8"):
+        adapters.check_adapter_matches_settings(run_dir / "adapter", settings)
+    config.write_text(good_config[:40])
+    with pytest.raises(ValueError, match=r"adapter_config.json is damaged \(not valid JSON"):
+        adapters.check_adapter_matches_settings(run_dir / "adapter", settings)
+    (run_dir / "run_config.json").write_text("{")
+    with pytest.raises(ValueError, match=r"run_config.json is damaged"):
+        presets.load_run_settings(run_dir)
+
+
 def test_a_symlinked_artifact_folder_is_refused_not_replaced(tmp_path):
     elsewhere = tmp_path / "big-disk" / "merged"
     elsewhere.mkdir(parents=True)
