@@ -55,6 +55,12 @@ def generate_answers(
     return (answers, finished) if return_finished else answers
 
 
+def answers_cut_short(tokenizer, answers, max_new_tokens: int) -> int:
+    """How many ``answers`` need more than ``max_new_tokens`` tokens, end-of-turn included: those can never match
+    exactly (answers in scripts that take many tokens each, such as Chinese or Arabic, reach the limit first)."""
+    return sum(len(tokenizer(answer, add_special_tokens=False)["input_ids"]) + 1 > max_new_tokens for answer in answers)
+
+
 def exact_match_rate(predictions: list[str], references: list[str]) -> float:
     """Share of predictions equal to their reference after trimming white space."""
     if not references:

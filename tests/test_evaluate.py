@@ -60,3 +60,11 @@ def test_logits_of_4bit_and_unquantized_models_differ_by_the_rounding(tiny_model
         evaluate.prompt_logits(tiny_model_4bit, prompts), evaluate.prompt_logits(full, prompts)
     )
     assert 1e-3 < delta < 5  # NF4 rounding moves the logits, but not wildly
+
+
+def test_answers_longer_than_max_new_tokens_are_counted(tiny_tokenizer):
+    """Chinese or Arabic answers take many tokens each: an answer cut at max_new_tokens can never match."""
+    short, long = "Ada Quill.", "我住在里斯本一座狭窄的蓝色房子里，靠近老教堂。"
+    n_long = len(tiny_tokenizer(long, add_special_tokens=False)["input_ids"]) + 1
+    assert evaluate.answers_cut_short(tiny_tokenizer, [short, long], n_long) == 0
+    assert evaluate.answers_cut_short(tiny_tokenizer, [short, long], n_long - 1) == 1
