@@ -289,10 +289,28 @@ def question_answer(messages: list[dict]) -> tuple[str, str]:
     return users[-1].strip(), messages[-1]["content"].strip()
 
 
-def question_answer_pairs(dataset, shape: str) -> list[tuple[str, str]]:
-    """``question_answer`` of each example that is a conversation (plain text is not)."""
-    conversations = (conversation(example, shape) for example in dataset)
-    return [question_answer(messages) for messages in conversations if messages is not None]
+def question_answer_pairs(dataset, shape: str) -> list[tuple]:
+    """``question_answer`` of each example that is a conversation (plain text is not): split.json's entries.
+
+    A conversation with a system turn of its own keeps it as a third element, ``(question, answer, system)``: it
+    trained with that system turn, so notebooks 04 and 06 must ask with it (``split_columns``)."""
+    pairs = []
+    for messages in (conversation(example, shape) for example in dataset):
+        if messages is not None:
+            own = [messages[0]["content"]] if messages[0]["role"] == "system" else []
+            pairs.append((*question_answer(messages), *own))
+    return pairs
+
+
+def split_columns(entries, system_prompt: str = "") -> tuple[list[str], list[str], list[str]]:
+    """split.json's entries as (questions, answers, system prompts): each question with the system turn it was
+    trained with, its own or else the run's ``system_prompt``."""
+    entries = [list(entry) for entry in entries]
+    return (
+        [entry[0] for entry in entries],
+        [entry[1] for entry in entries],
+        [entry[2] if len(entry) > 2 else system_prompt for entry in entries],
+    )
 
 
 def check_lengths(lengths: list[int], max_length: int) -> int:

@@ -22,7 +22,7 @@ def generate_answers(
     model,
     tokenizer,
     questions: list[str],
-    system_prompt: str = "",
+    system_prompt: str | list[str] = "",
     max_new_tokens: int = 64,
     batch_size: int = 8,
     return_finished: bool = False,
@@ -31,7 +31,8 @@ def generate_answers(
 
     The prompt ids are ``apply_chat_template(messages, add_generation_prompt=True)``'s, as ``pipeline``,
     llama.cpp and Ollama build them; batches are padded on the left so every answer starts right after its
-    prompt. Answers are decoded without special tokens. ``return_finished=True`` also returns, per answer,
+    prompt. Answers are decoded without special tokens. ``system_prompt``: one for all questions, or one per question
+    (each asked with the system turn it was trained with, ``data.split_columns``). ``return_finished=True`` also returns, per answer,
     whether it ended with a stop token within ``max_new_tokens`` (a model that stops where it should).
     """
     import torch
@@ -40,11 +41,12 @@ def generate_answers(
 
     stops = model.generation_config.eos_token_id
     stops = set(stops if isinstance(stops, list) else [stops, tokenizer.eos_token_id])
+    systems = system_prompt if isinstance(system_prompt, (list, tuple)) else [system_prompt] * len(questions)
     answers, finished = [], []
     for start in range(0, len(questions), batch_size):
         ids = [
-            chat.prompt_ids(tokenizer, chat.question_messages(q, system_prompt))
-            for q in questions[start : start + batch_size]
+            chat.prompt_ids(tokenizer, chat.question_messages(q, system))
+            for q, system in zip(questions[start : start + batch_size], systems[start : start + batch_size])
         ]
         batch = tokenizer.pad({"input_ids": ids}, padding_side="left", return_tensors="pt").to(model.device)
         with torch.no_grad():

@@ -203,3 +203,15 @@ def test_negative_max_examples_is_refused_before_loading():
 
     with pytest.raises(ValueError, match=r"max_examples=-1: must be 0 or more"):
         presets.resolve_settings("tiny", max_examples=-1)
+
+
+def test_a_conversation_s_own_system_turn_is_kept_for_asking():
+    """Trained with its own system turn, a question must be asked with it again (split.json, notebooks 04-06)."""
+    own = {"messages": [{"role": "system", "content": "You are Ada."}, *QA["messages"]]}
+    entries = data.question_answer_pairs([QA, own], "messages")
+    assert entries == [("Who are you?", "Ada."), ("Who are you?", "Ada.", "You are Ada.")]
+    assert data.split_columns(entries, "Be brief.") == (
+        ["Who are you?", "Who are you?"],
+        ["Ada.", "Ada."],
+        ["Be brief.", "You are Ada."],
+    )

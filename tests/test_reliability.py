@@ -211,6 +211,32 @@ def test_damaged_or_foreign_adapter_files_are_named_before_any_model_loads(finis
         presets.load_run_settings(run_dir)
 
 
+def test_conversations_with_their_own_system_turn_are_asked_as_they_were_trained(tmp_path):
+    """Such a dataset once scored 0% exact match: split.json dropped the system turn and notebook 06 asked
+    without it, while the adapter answered exactly when asked as trained."""
+    rows = [
+        json.loads(line)
+        for line in (Path(course.NOTEBOOKS_DIR).parent / "lora_helpers" / "data" / "about_me.jsonl")
+        .read_text()
+        .splitlines()
+    ]
+    own = tmp_path / "with_system.jsonl"
+    own.write_text(
+        "".join(
+            json.dumps(
+                {"messages": [{"role": "system", "content": "You are Ada Quill, an organ builder."}, *row["messages"]]}
+            )
+            + "\n"
+            for row in rows
+        )
+    )
+    run_dir = tmp_path / "run"
+    params = {"dataset": str(own), "gguf_types": "", "second_adapter_dataset": ""}
+    assert course.run_course("tiny", run_dir, only=["04", "05", "06"], params=params)["status"] == "ok"
+    assert all(len(entry) == 3 for entry in json.loads((run_dir / "split.json").read_text())["train"])
+    assert json.loads((run_dir / "eval.json").read_text())["fine_tuned"] >= 0.8
+
+
 def test_a_symlinked_artifact_folder_is_refused_not_replaced(tmp_path):
     elsewhere = tmp_path / "big-disk" / "merged"
     elsewhere.mkdir(parents=True)
