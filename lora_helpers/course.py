@@ -141,6 +141,20 @@ def check_resume(preset: str, run_dir: Path, params: dict) -> None:
     training.check_resume_settings(run_dir / "checkpoints", run_config)
 
 
+def refuse_another_preset(preset: str, run_dir: Path, notebooks: list[Path]) -> None:
+    """Notebooks 05 and 06 continue the run that run_config.json describes, whatever --preset says: a different
+    --preset without notebook 04 would be recorded in summary.json for a run it did not make."""
+    if any(nb.name.startswith("04") for nb in notebooks) or not any(nb.name[:2] in ("05", "06") for nb in notebooks):
+        return
+    trained = files.read_json(run_dir / "run_config.json", missing={}).get("preset")
+    if trained is not None and trained != preset:
+        raise ValueError(
+            f"{run_dir} holds a run of the preset {trained!r} (run_config.json), and notebooks 05 and 06 continue it "
+            f"whatever --preset says: pass --preset {trained}, or train this preset again with notebook 04 "
+            "(--only 04 05 06 --overwrite)."
+        )
+
+
 def refuse_source_folder(run_dir: Path) -> None:
     """A run_dir whose notebooks/ would be the course's own (the repository itself) is refused: the executed
     copies would replace the lessons."""
@@ -255,6 +269,7 @@ def run_course(
         raise ValueError(f"No notebook declares the parameter(s) {sorted(unknown)}. Declared: {', '.join(known)}.")
     check_values(preset, params)  # every value, before notebook 01 starts (not in notebook 04, after two loads)
     refuse_source_folder(run_dir)
+    refuse_another_preset(preset, run_dir, notebooks)
     if params.get("resume") and any(nb.name.startswith("04") for nb in notebooks):
         check_resume(preset, run_dir, params)
     if any(nb.name.startswith("04") for nb in notebooks):

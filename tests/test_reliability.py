@@ -126,6 +126,8 @@ def test_only_refuses_a_finished_notebook_whether_it_would_succeed_or_fail(finis
         course.run_course("tiny", run_dir, only=["06"])
     with pytest.raises(FileExistsError, match=r"notebook 01: notebooks/01_setup.ipynb"):
         course.run_course("tiny", run_dir, only=["01"])
+    with pytest.raises(ValueError, match=r"holds a run of the preset 'tiny' \(run_config.json\).*--preset tiny"):
+        course.run_course("tiny-llama2", run_dir, only=["05"], overwrite=True)
     assert snapshot(run_dir) == before
     assert course.run_course("tiny", run_dir, only=["01"], overwrite=True)["status"] == "ok"
 
