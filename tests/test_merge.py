@@ -41,7 +41,7 @@ def test_notebook_05_builds_the_base_as_load_base_for_merge_does(merge_mode, tin
     settings = presets.resolve_settings("tiny")
     tokenizer = models.load_tokenizer("tiny")
     namespace = {"merge_mode": merge_mode, "settings": settings, "merge_dtype": torch.float32, "tokenizer": tokenizer}
-    exec(compile("import torch\nfrom lora_helpers import merge, models\n" + cells["05-12"], "05-12", "exec"), namespace)
+    exec(compile("import torch\nfrom lora_helpers import lora, merge, models\n" + cells["05-12"], "05-12", "exec"), namespace)
     helper = merge.load_base_for_merge(settings, merge_mode, torch.float32, tokenizer).state_dict()
     taught = namespace["base"].state_dict()
     assert taught.keys() == helper.keys()
