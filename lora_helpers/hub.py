@@ -31,7 +31,19 @@ def login_from_environment() -> str:
     if os.environ.get("HF_HUB_OFFLINE") == "1":
         return "A Hugging Face token is set, but HF_HUB_OFFLINE=1: no login attempted."
     # No `login()`: it would write the token to ~/.cache/huggingface. whoami only checks that the token is valid.
-    user = HfApi().whoami(token=token).get("name", "?")
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        user = HfApi().whoami(token=token).get("name", "?")
+    except HfHubHTTPError as error:  # the Hub answered: the token is wrong or revoked
+        status = getattr(error.response, "status_code", "?")
+        return f"The Hub rejected the Hugging Face token (HTTP {status}): create a new one and set HF_TOKEN again."
+    except Exception as error:  # no answer: no network, no DNS, a proxy (httpx's errors, whatever their class)
+        cause = (str(error).strip().splitlines() or [""])[0]
+        return (
+            f"A Hugging Face token is set, but the Hub could not be reached ({type(error).__name__}: {cause}). "
+            "Check the network; to work from models already downloaded, set HF_HUB_OFFLINE=1."
+        )
     return f"Hugging Face token accepted for user {user}."
 
 

@@ -13,6 +13,24 @@ def test_token_is_never_in_the_message(monkeypatch):
     assert "HF_HUB_OFFLINE=1" in message and fake not in message
 
 
+def test_no_network_is_said_in_words_not_a_traceback(monkeypatch):
+    """Notebook 01 with a token set and the network down once ended in `ConnectError: Name or service not known`."""
+    from huggingface_hub import HfApi, errors
+
+    client = __import__(errors.Response.__module__.split(".")[0])  # the HTTP client huggingface_hub uses
+    fake = "hf_FAKEtoken1234567890abcdef"
+
+    def unreachable(self, token=None, **kwargs):
+        raise client.ConnectError("[Errno -2] Name or service not known")
+
+    monkeypatch.setenv("HF_TOKEN", fake)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(HfApi, "whoami", unreachable)
+    message = hub.login_from_environment()
+    assert "could not be reached (ConnectError: [Errno -2] Name or service not known)" in message
+    assert "HF_HUB_OFFLINE=1" in message and fake not in message
+
+
 def test_push_only_when_asked_with_a_token_and_online(monkeypatch, tmp_path):
     monkeypatch.delenv("HF_TOKEN", raising=False)
     assert "push_to_hub is False" in hub.push_adapter(tmp_path, "me/adapter", push=False)
