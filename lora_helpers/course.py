@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -374,6 +375,12 @@ def notebook_failure(error: BaseException, summary: dict, executed: Path, kernel
     hint = ""
     if kernel_log.exists() and kernel_log.stat().st_size:
         hint += f"What the kernel process itself printed is in {kernel_log}.\n"
+    if "No space left on device" in message or "[Errno 28]" in message:
+        free = shutil.disk_usage(executed.parent).free / 2**30
+        hint += (
+            f"The disk that holds {executed.parent.parent} is full ({free:.2f} GB free now): free some space (an "
+            "earlier run's merged/ or checkpoints/) or choose a run_dir on a larger disk, then continue.\n"
+        )
     if kind == "DeadKernelError":
         hint += (
             "The notebook's Python process died, most often for lack of host memory (the system killed it): "

@@ -53,3 +53,20 @@ def test_a_hung_cell_fails_with_the_notebook_named(tmp_path, monkeypatch):
     with pytest.raises(course.NotebookFailed, match=r"01_setup.ipynb failed in cell \[\?\]: CellTimeoutError"):
         course.run_course("tiny", tmp_path, only=["01"])
     assert '"status": "failed"' in (tmp_path / "summary.json").read_text()
+
+
+def test_a_full_disk_is_reported_as_a_full_disk(tmp_path):
+    """A cell that fails with ENOSPC (a checkpoint save): the message says the disk is full, and how full."""
+    from papermill.exceptions import PapermillExecutionError
+
+    error = PapermillExecutionError(
+        30, 12, "trainer.train()", "OSError", "[Errno 28] No space left on device", ["OSError: [Errno 28] ..."]
+    )
+    (tmp_path / "run" / "notebooks").mkdir(parents=True)
+    summary = {"status": "running", "notebooks": [{"name": "04_sft_training.ipynb"}]}
+    failure = course.notebook_failure(
+        error, summary, tmp_path / "run" / "notebooks" / "04_sft_training.ipynb", tmp_path / "no.log"
+    )
+    assert isinstance(failure, course.NotebookFailed) and summary["status"] == "failed"
+    assert "04_sft_training.ipynb failed in cell [12]: OSError: [Errno 28] No space left on device" in str(failure)
+    assert f"The disk that holds {tmp_path / 'run'} is full (" in str(failure) and "GB free now" in str(failure)
