@@ -4,16 +4,16 @@ Import modules explicitly (``from lora_helpers import data``); nothing is re-exp
 floors: each imports only modules on the floors below its own (imports inside functions included; checked by
 tests/test_package.py), so any module can be read knowing only what is beneath it.
 
-    floor 0: chat, device, files, lora, plots, presets, process, shipped_configs
-    floor 1: data, evaluate, gguf_export, hub, smollm2, widgets
+    floor 0: chat, device, files, lora, plots, process, shipped_configs
+    floor 1: data, evaluate, gguf_export, hub, presets, smollm2, widgets
     floor 2: retention, tiny
     floor 3: models
     floor 4: adapters, merge, plan, training
     floor 5: bench, course, launch, sharding
     floor 6: links
 
-Floor 0 holds facts and formats (chat templates, the machine, files, LoRA counts, plots of given numbers, presets,
-this process's rank, the shipped configs); floor 1 the data and the measures; then the models the course builds,
+Floor 0 holds facts and formats (chat templates, the machine, files, LoRA counts, plots of given numbers, this
+process's rank, the shipped configs); floor 1 the presets, the data and the measures; then the models the course builds,
 loading one (``models``), what is done with a loaded model, the commands, and the notebooks' links.
 """
 

@@ -130,22 +130,21 @@ def refuse_finished_notebooks(run_dir: Path, notebooks: list[Path], overwrite: b
         )
 
 
-def check_resume(preset: str, run_dir: Path, params: dict) -> None:
-    """``-p resume=True``: the settings notebook 04 would train with must be the ones its checkpoints started with
-    (``training.check_resume_settings``), checked before notebook 01."""
+def check_resume(settings, run_dir: Path, trainer_route: str) -> None:
+    """``-p resume=True``: the settings notebook 04 would train with (``check_values``' result) must be the ones its
+    checkpoints started with (``training.check_resume_settings``), checked before notebook 01."""
     import dataclasses
 
-    from lora_helpers import presets, training
+    from lora_helpers import training
 
-    settings = presets.resolve_settings(preset, **{k: v for k, v in params.items() if k in presets.SETTING_NAMES})
-    run_config = {**dataclasses.asdict(settings), "trainer_route": params.get("trainer_route", "sft")}
+    run_config = {**dataclasses.asdict(settings), "trainer_route": trainer_route}  # as notebook 04 writes it
     training.check_resume_settings(run_dir / "checkpoints", run_config)
 
 
 def refuse_another_preset(preset: str, run_dir: Path, notebooks: list[Path]) -> None:
-    """Notebooks 05 and 06 continue the run that run_config.json describes, whatever --preset says: a different
-    --preset without notebook 04 would be recorded in summary.json for a run it did not make."""
-    if any(nb.name.startswith("04") for nb in notebooks) or not any(nb.name[:2] in ("05", "06") for nb in notebooks):
+    """Notebooks 05 and 06, run without notebook 04, continue the run that run_config.json describes, whatever
+    --preset says: a different --preset would be recorded in summary.json for a run it did not make."""
+    if not any(nb.name[:2] in ("05", "06") for nb in notebooks):
         return
     trained = files.read_json(run_dir / "run_config.json", missing={}).get("preset")
     if trained is not None and trained != preset:
@@ -218,22 +217,23 @@ def choices() -> dict[str, tuple[str, ...]]:
     return {"trainer_route": ("sft", "trainer"), "merge_mode": merge.MERGE_MODES}
 
 
-def check_values(preset: str, params: dict) -> None:
+def check_values(preset: str, params: dict):
     """Refuse a ``-p`` value no notebook could use, before any notebook runs (settings through the preset's own
-    checks, ``presets.check_settings``)."""
+    checks, ``presets.check_settings``); return the settings they give."""
     from lora_helpers import gguf_export, presets
 
     settings = presets.resolve_settings(preset, **{k: v for k, v in params.items() if k in presets.SETTING_NAMES})
     for name, accepted in choices().items():
         if name in params and params[name] not in accepted:
             raise ValueError(f"-p {name}={params[name]}: use one of {', '.join(accepted)}.")
-    gguf_types = str(params.get("gguf_types", "F16") or "")
-    gguf_export.parse_file_types(gguf_types)
-    if gguf_types:  # notebook 05 writes the system prompt into an Ollama Modelfile
+    gguf_types = params.get("gguf_types")  # None: notebook 05's default, which exports
+    gguf_export.parse_file_types(str(gguf_types or ""))
+    if gguf_types != "":  # notebook 05 writes the system prompt into an Ollama Modelfile
         gguf_export.check_ollama_text(settings.system_prompt, "system_prompt")
     tolerance = params.get("merge_tolerance")
     if tolerance is not None and not (isinstance(tolerance, (int, float)) and tolerance > 0):
         raise ValueError(f"-p merge_tolerance={tolerance}: the largest allowed |Δ logit| must be a number above 0.")
+    return settings
 
 
 def run_course(
@@ -268,13 +268,14 @@ def run_course(
     if unknown:
         known = sorted(set().union(*declared.values()))
         raise ValueError(f"No notebook declares the parameter(s) {sorted(unknown)}. Declared: {', '.join(known)}.")
-    check_values(preset, params)  # every value, before notebook 01 starts (not in notebook 04, after two loads)
+    resolved = check_values(preset, params)  # every value, before notebook 01 starts (not in 04, after two loads)
     refuse_source_folder(run_dir)
-    refuse_another_preset(preset, run_dir, notebooks)
-    if params.get("resume") and any(nb.name.startswith("04") for nb in notebooks):
-        check_resume(preset, run_dir, params)
     if any(nb.name.startswith("04") for nb in notebooks):
+        if params.get("resume"):
+            check_resume(resolved, run_dir, params.get("trainer_route", "sft"))
         files.refuse_to_overwrite(run_dir, overwrite)  # before notebook 01 starts, not after it
+    else:
+        refuse_another_preset(preset, run_dir, notebooks)
     refuse_finished_notebooks(run_dir, notebooks, overwrite)  # a refused run changes nothing
     if random_weights:
         from lora_helpers import tiny

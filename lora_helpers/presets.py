@@ -319,8 +319,9 @@ def check_settings(s: Settings) -> None:
 
 def load_run_settings(run_dir) -> Settings:
     """The settings notebook 04 trained with, read back from ``run_dir/run_config.json`` (notebooks 05, 06)."""
-    import json
     from pathlib import Path
+
+    from lora_helpers import files
 
     path = Path(run_dir) / "run_config.json"
     if not path.exists():
@@ -328,12 +329,7 @@ def load_run_settings(run_dir) -> Settings:
             f"No {path.name} in {run_dir}: run notebook 04 (training) with this run_dir first, "
             "or point run_dir at the folder of an earlier run."
         )
-    try:
-        saved = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as error:
-        raise ValueError(
-            f"{path} is damaged (not valid JSON: {error}): run notebook 04 again for this run_dir (overwrite=True)."
-        ) from None
+    saved = files.read_json(path)  # a damaged file is named
     return resolve_settings(saved["preset"], **{k: saved[k] for k in SETTING_NAMES if k in saved})
 
 
