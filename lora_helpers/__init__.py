@@ -5,10 +5,10 @@ floors: each imports only modules on the floors below its own (imports inside fu
 tests/test_package.py), so any module can be read knowing only what is beneath it.
 
     floor 0: chat, device, files, lora, plots, process, shipped_configs
-    floor 1: data, evaluate, gguf_export, hub, presets, smollm2, widgets
-    floor 2: retention, tiny
+    floor 1: data, evaluate, hub, presets, runtimes, smollm2, widgets
+    floor 2: gguf_export, retention, tiny
     floor 3: models
-    floor 4: adapters, merge, plan, training
+    floor 4: adapters, merge, plan, serving, training
     floor 5: bench, course, launch, sharding
     floor 6: links
 

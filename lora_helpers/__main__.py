@@ -1,4 +1,4 @@
-"""Command line: ``python -m lora_helpers course|train|plan|bench|links|images|tiny|presets`` (also ``lora-course``)."""
+"""Command line: ``python -m lora_helpers course|train|serve|plan|bench|links|images|tiny|presets`` (also ``lora-course``)."""
 
 from __future__ import annotations
 
@@ -49,6 +49,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     trainer.add_argument(
         "-p", "--parameter", action="append", default=[], metavar="NAME=VALUE", help="a setting, e.g. -p lora_r=8"
+    )
+
+    server = commands.add_parser(
+        "serve", help="an OpenAI-compatible server (llama.cpp) for the run's adapters over one base model"
+    )
+    server.add_argument("--run-dir", required=True, help="a trained run (notebook 04 wrote its adapter)")
+    server.add_argument("--port", type=int, default=8000)
+    server.add_argument("--host", default="127.0.0.1", help="127.0.0.1 (default) answers this machine only")
+    server.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="serve another adapter folder of the same base model under NAME (repeatable)",
     )
 
     planner = commands.add_parser("plan", help="trainable parameters and estimated peak memory, before loading")
@@ -143,6 +157,21 @@ def train(args) -> int:
     return 0
 
 
+def serve(args) -> int:
+    """The run's adapters behind an OpenAI-compatible API, until Ctrl-C (notebook 06, "Serve the adapters")."""
+    from lora_helpers import serving
+
+    try:
+        extra = serving.parse_adapter_options(args.adapter)
+        serving.serve(args.run_dir, args.host, args.port, extra)
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, TypeError, OSError, RuntimeError) as error:
+        print(f"\nerror: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def plan(args) -> int:
     import json
 
@@ -198,6 +227,7 @@ def presets(args) -> int:
 COMMANDS = {
     "course": course,
     "train": train,
+    "serve": serve,
     "plan": plan,
     "bench": bench,
     "links": links,

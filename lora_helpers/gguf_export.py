@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lora_helpers import chat, files
+from lora_helpers import chat, files, runtimes
 
 FILE_TYPES = ("F32", "F16", "Q8_0")  # written here; Q4_K_M is made from F16 by llama.cpp (quantize_gguf)
 QUANTIZED_TYPES = ("Q4_K_M", "Q5_K_M")  # llama.cpp's K-quants, made from the F16 file
@@ -374,6 +374,89 @@ def quantize_gguf(f16_path: str | Path, out_path: str | Path, kind: str = "Q4_K_
         raise RuntimeError(
             f"llama.cpp could not quantize {f16_path} to {kind} (status {status}). Its log ends:\n{tail}"
         )
+    tmp.replace(out_path)
+    return out_path
+
+
+ADAPTER_FILE_TYPES = ("F32", "F16")  # an adapter's B matrices have rows of r values, too short for Q8_0's blocks of 32
+
+
+def llama_cpp_alpha(config: dict) -> float:
+    """The ``adapter.lora.alpha`` to write so that llama.cpp, which always scales by alpha / r, scales as peft did.
+
+    Plain LoRA: alpha. rsLoRA (``use_rslora``) scales by alpha / √r, so alpha·√r is written in its place.
+    """
+    alpha, r = float(config["lora_alpha"]), config["r"]
+    return alpha * math.sqrt(r) if config.get("use_rslora") else alpha
+
+
+def peft_scale(config: dict, layer: str) -> float:
+    """peft's scale for one layer: alpha / r (alpha / √r with rsLoRA), after ``rank_pattern`` / ``alpha_pattern``."""
+    import re
+
+    def pattern_value(patterns: dict, default):  # peft's own matching (peft.tuners.tuners_utils)
+        return next((v for k, v in (patterns or {}).items() if re.match(rf"(.*\.)?({k})$", layer)), default)
+
+    r = pattern_value(config.get("rank_pattern"), config["r"])
+    alpha = pattern_value(config.get("alpha_pattern"), config["lora_alpha"])
+    return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+
+
+def export_adapter_gguf(adapter_dir, out_path, base_dir, file_type: str = "F16") -> Path:
+    """Write a saved peft LoRA adapter as a llama.cpp LoRA file (what llama.cpp's ``convert_lora_to_gguf.py`` writes).
+
+    Taught in notebook 06 ("Serve the adapters"). The file holds each layer's ``lora_a`` / ``lora_b`` under the base
+    GGUF's tensor names, with the query and key rows of B in llama.cpp's rotary layout, and one alpha: llama.cpp
+    scales every layer by alpha / rank, so rsLoRA's alpha is rewritten (``llama_cpp_alpha``) and a layer whose
+    ``rank_pattern`` / ``alpha_pattern`` gives another scale has it folded into its B. What llama.cpp cannot run
+    (DoRA, trained embeddings or output head, ``modules_to_save``) is refused with the cause and the fix
+    (``runtimes``). ``base_dir`` is the base model's folder (its ``config.json`` gives the head counts).
+    """
+    import gguf
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    if file_type not in ADAPTER_FILE_TYPES:
+        raise ValueError(f"file_type={file_type!r}: an adapter is written as one of {ADAPTER_FILE_TYPES}.")
+    adapter_dir, out_path = Path(adapter_dir), Path(out_path)
+    lora_config, names = runtimes.refuse_unless_runs(adapter_dir, "llama.cpp / Ollama")
+    config = AutoConfig.from_pretrained(base_dir)
+    if config.model_type != "llama":
+        raise ValueError(UNSUPPORTED.format(kind=config.model_type))
+    alpha = llama_cpp_alpha(lora_config)
+    layers = sorted({name.split(".lora_A")[0] for name in names if ".lora_A" in name})
+    tmp = out_path.with_name(f".{out_path.name}.partial")
+    writer = gguf.GGUFWriter(tmp, arch="llama")
+    try:
+        writer.add_type(gguf.GGUFType.ADAPTER)
+        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+        writer.add_name(adapter_dir.name)
+        dtype = np.float16 if file_type == "F16" else np.float32
+        with safe_open(adapter_dir / "adapter_model.safetensors", "pt") as f:
+            for layer in layers:
+                hf_name = layer.removeprefix("base_model.model.")
+                a = f.get_tensor(f"{layer}.lora_A.weight").to(torch.float32).numpy()
+                b = f.get_tensor(f"{layer}.lora_B.weight").to(torch.float32).numpy()
+                fold = peft_scale(lora_config, hf_name) / (alpha / a.shape[0])  # 1 unless a pattern differs
+                if abs(fold - 1) > 1e-6:
+                    b = b * fold
+                if hf_name.endswith("self_attn.q_proj"):
+                    b = permute_for_rope(b, config.num_attention_heads)
+                elif hf_name.endswith("self_attn.k_proj"):
+                    b = permute_for_rope(b, config.num_key_value_heads or config.num_attention_heads)
+                target = gguf_name(hf_name + ".weight")
+                writer.add_tensor(f"{target}.lora_a", a.astype(dtype))
+                writer.add_tensor(f"{target}.lora_b", b.astype(dtype))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    writer.close()
     tmp.replace(out_path)
     return out_path
 
