@@ -525,11 +525,17 @@ def check_ollama_text(text: str, name: str) -> None:
 
 
 def write_modelfile(
-    gguf_path: str | Path, out_path: str | Path, merged_dir: str | Path, system_prompt: str = ""
+    gguf_path: str | Path,
+    out_path: str | Path,
+    merged_dir: str | Path,
+    system_prompt: str = "",
+    adapter_path: str | Path | None = None,
 ) -> Path:
     """An Ollama ``Modelfile``: the GGUF file, the model's chat template, its stop tokens, greedy decoding.
 
-    Taught in notebook 05; then ``ollama create my-model -f Modelfile`` and ``ollama run my-model``.
+    Taught in notebook 05; then ``ollama create my-model -f Modelfile`` and ``ollama run my-model``. With
+    ``adapter_path`` (notebook 06), ``gguf_path`` is the base model and an ``ADAPTER`` line adds the LoRA file
+    (``export_adapter_gguf``) over it: several Ollama models then share one base file.
     """
     from transformers import AutoTokenizer, GenerationConfig
 
@@ -541,7 +547,10 @@ def write_modelfile(
     )
     eos = eos if isinstance(eos, list) else [eos if eos is not None else tokenizer.eos_token_id]
     stops = list(dict.fromkeys(tokenizer.convert_ids_to_tokens(eos)))
-    lines = [f"FROM ./{Path(gguf_path).name}", f'TEMPLATE """{ollama_template(tokenizer)}"""']
+    lines = [f"FROM ./{Path(gguf_path).name}"]
+    if adapter_path:
+        lines.append(f"ADAPTER ./{Path(adapter_path).name}")
+    lines.append(f'TEMPLATE """{ollama_template(tokenizer)}"""')
     system_prompt = system_prompt or default_system_prompt(tokenizer)  # the one training used
     check_ollama_text(system_prompt, "system_prompt")
     if system_prompt:

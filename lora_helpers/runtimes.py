@@ -25,6 +25,12 @@ from lora_helpers import files
 RUNTIMES = ("peft", "merge", "llama.cpp / Ollama", "vLLM")
 BASE_CHANGING_INITS = ("pissa", "olora", "corda")  # initialisations that rewrite the base weights
 VLLM_DEFAULT_MAX_RANK = 16
+VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
+
+
+def vllm_max_lora_rank(rank: int) -> int:
+    """The smallest ``max_lora_rank`` vLLM accepts that holds an adapter of this rank (at least its default, 16)."""
+    return next((value for value in VLLM_RANKS if value >= max(rank, VLLM_DEFAULT_MAX_RANK)), rank)
 
 
 def adapter_contents(adapter_dir) -> tuple[dict, list[str]]:
@@ -97,7 +103,7 @@ def problems(config: dict, names: list[str]) -> dict[str, list[tuple[str, str]]]
         found["vLLM"].append(
             (
                 f"rank {rank} > vLLM's default max_lora_rank {VLLM_DEFAULT_MAX_RANK}",
-                f"start vLLM with max_lora_rank={rank} or more",
+                f"start vLLM with max_lora_rank={vllm_max_lora_rank(rank)}",
             )
         )
     return found

@@ -155,11 +155,37 @@ def free_port(host: str = "127.0.0.1") -> int:
         return probe.getsockname()[1]
 
 
+def load_adapter(llm, path):
+    """A llama.cpp LoRA file loaded over ``llm``'s model (not yet applied): llama.cpp's ``llama_adapter_lora_init``."""
+    import llama_cpp
+
+    loaded = llama_cpp.llama_adapter_lora_init(llm.model, str(path).encode())
+    if not loaded:
+        raise ValueError(f"llama.cpp could not load the adapter {path} over {llm.model_path}.")
+    return loaded
+
+
+def use_adapters(llm, loaded: list, scale: float = 1.0) -> None:
+    """Apply these loaded adapters (none: the plain base) to ``llm``'s context, and forget what it had computed.
+
+    llama.cpp adds each adapter's ``scale · alpha/r · B·A`` at run time, so the base stays memory-mapped and
+    unchanged: switching adapters costs nothing. (llama-cpp-python's own ``Llama(lora_path=...)`` turns memory
+    mapping off, which would read a 7B base into RAM whole.)
+    """
+    import ctypes
+
+    import llama_cpp
+
+    handles = (llama_cpp.llama_adapter_lora_p_ctypes * max(len(loaded), 1))(*loaded)
+    scales = (ctypes.c_float * max(len(loaded), 1))(*([scale] * len(loaded)))
+    if llama_cpp.llama_set_adapters_lora(llm._ctx.ctx, handles, len(loaded), scales):
+        raise RuntimeError(f"llama.cpp could not apply {len(loaded)} adapter(s) to {llm.model_path}.")
+    llm.reset()  # what is cached was computed with the previous adapters
+
+
 def adapter_proxy(base_proxy, adapters: dict[str, Path]):
     """llama-cpp-python's model switcher (``LlamaProxy``), made to keep ``base_proxy``'s loaded base model and to
     switch adapters on its context: a request for ``adapter_captain`` sets that LoRA (scale 1), ``base`` none."""
-    import ctypes
-
     import llama_cpp
     from fastapi import HTTPException
     from llama_cpp.server.model import LlamaProxy
@@ -173,12 +199,7 @@ def adapter_proxy(base_proxy, adapters: dict[str, Path]):
                 name: settings.model_copy(update={"model_alias": name, "lora_path": str(path)})
                 for name, path in adapters.items()
             }
-            self._loaded = {}
-            for name, path in adapters.items():
-                loaded = llama_cpp.llama_adapter_lora_init(self._current_model.model, str(path).encode())
-                if not loaded:
-                    raise ValueError(f"llama.cpp could not load the adapter {path} over the base model.")
-                self._loaded[name] = loaded
+            self._loaded = {name: load_adapter(self._current_model, path) for name, path in adapters.items()}
             self._current_model_alias = BASE_NAME
 
         def __call__(self, model: str | None = None):
@@ -186,13 +207,7 @@ def adapter_proxy(base_proxy, adapters: dict[str, Path]):
             if model not in self._model_settings_dict:
                 raise HTTPException(404, f"No model {model!r} here; ask for one of {', '.join(self)}.")
             if model != self._current_model_alias:
-                llama = self._current_model
-                chosen = [self._loaded[model]] if model in self._loaded else []
-                handles = (llama_cpp.llama_adapter_lora_p_ctypes * max(len(chosen), 1))(*chosen)
-                scales = (ctypes.c_float * max(len(chosen), 1))(*([1.0] * len(chosen)))
-                if llama_cpp.llama_set_adapters_lora(llama._ctx.ctx, handles, len(chosen), scales):
-                    raise RuntimeError(f"llama.cpp could not switch to {model!r}.")
-                llama.reset()  # what is cached was computed with another adapter
+                use_adapters(self._current_model, [self._loaded[model]] if model in self._loaded else [])
                 self._current_model_alias = model
             return self._current_model
 
@@ -205,17 +220,20 @@ def adapter_proxy(base_proxy, adapters: dict[str, Path]):
     return AdapterProxy()
 
 
+def context_length(path) -> int:
+    """The context length a GGUF model file was trained with (``llama.context_length``), read from its header."""
+    import gguf
+
+    return int(gguf.GGUFReader(path).fields["llama.context_length"].contents())
+
+
 def create_app(gguf_files: dict[str, Path], host: str = "127.0.0.1", port: int = DEFAULT_PORT, n_ctx: int = 4096):
     """llama-cpp-python's FastAPI app over ``gguf_files[base]``, with the adapters as further model names.
 
     ``n_ctx`` tokens of context (prompt and answer) per request, at most the model's own: llama.cpp reserves their
     key-value cache up front (a 4096-token cache of an 8B Llama-3 in F16 is 0.5 GB).
     """
-    import gguf
-
-    reader = gguf.GGUFReader(gguf_files[BASE_NAME])
-    trained = int(reader.fields["llama.context_length"].contents())
-    n_ctx = min(n_ctx, trained)
+    n_ctx = min(n_ctx, context_length(gguf_files[BASE_NAME]))
     import llama_cpp.server.app as server
     from llama_cpp.server.settings import ModelSettings, ServerSettings
 
@@ -240,3 +258,70 @@ def serve(run_dir, host: str = "127.0.0.1", port: int = DEFAULT_PORT, extra: dic
     names = ", ".join(gguf_files)
     print(f"Serving {names} at http://{host}:{port}/v1 (OpenAI-compatible; model= one of those names). Ctrl-C stops.")
     uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+def open_gguf(path, n_ctx: int = 1024):
+    """llama.cpp (``llama_cpp.Llama``) on a GGUF file, logits kept for every position (notebook 06, tests), with
+    ``n_ctx`` tokens of context at most (never more than the model's own).
+
+    Weight repacking for the CPU's AMX / AVX512 kernels is turned off while it loads: llama-cpp-python 0.3.36's
+    repacked Q8_0 kernels crash (segmentation fault) on the tiny models' 128-wide rows on CPUs with AMX. The files
+    are fine; repacking only makes CPU inference faster.
+    """
+    import llama_cpp
+    import llama_cpp.llama as binding
+
+    default = binding.llama_cpp.llama_model_default_params
+
+    def without_repacking():
+        params = default()
+        params.use_extra_bufts = False
+        return params
+
+    binding.llama_cpp.llama_model_default_params = without_repacking
+    try:
+        return llama_cpp.Llama(str(path), logits_all=True, n_ctx=min(n_ctx, context_length(path)), verbose=False)
+    finally:
+        binding.llama_cpp.llama_model_default_params = default
+
+
+def llama_cpp_answers(path, prompts: list[list[int]], max_new_tokens: int, lora_path=None) -> tuple[list[str], list]:
+    """Greedy answers and the logits of each prompt (token ids) in llama.cpp, shaped as ``evaluate.prompt_logits``'s
+    (notebook 06's table of runtimes compares them)."""
+    import torch
+
+    llm = open_gguf(path)
+    answers, logits = [], []
+    try:
+        if lora_path:
+            adapter = load_adapter(llm, lora_path)
+            use_adapters(llm, [adapter])
+        for ids in prompts:
+            llm.reset()
+            llm.eval(ids)
+            logits.append(torch.tensor(llm.scores[: len(ids)]).unsqueeze(0))
+            reply = llm(ids, max_tokens=max_new_tokens, temperature=0.0, top_k=1)
+            answers.append(reply["choices"][0]["text"].strip())
+    finally:
+        llm.close()
+    return answers, logits
+
+
+def wait_until_serving(server, client, timeout_s: float = 300) -> str:
+    """Wait for a started ``lora-course serve`` process (``subprocess.Popen``, text output piped) to answer
+    ``client`` (an ``openai.OpenAI`` for its address); return what it printed. A server that exits is reported with
+    its output."""
+    import time
+
+    said = server.stdout.readline()  # "Serving ..." once the files are written, before the model loads
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"lora-course serve exited with {server.returncode}:\n{said}{server.stdout.read()}")
+        try:
+            client.models.list()
+            return said.strip()
+        except Exception:  # openai.APIConnectionError until uvicorn listens
+            time.sleep(0.5)
+    server.kill()
+    raise TimeoutError(f"lora-course serve did not answer within {timeout_s:.0f} s; it printed:\n{said}")

@@ -325,3 +325,41 @@ def test_options_reach_the_notebooks(run):
         assert summary["rehearse_t4"] is True
         for name in ("01", "02", "03", "04", "05", "06", "07"):
             assert "T4 rehearsal: no CUDA GPU here" in outputs(run_dir, name), name
+
+
+def test_the_server_answers_with_each_adapter_and_the_base(run):
+    """``lora-course serve``: one base, the two adapters by their folders' names, through the openai client."""
+    from test_serving import ask_the_server
+
+    from lora_helpers import data, files, presets
+
+    run_dir, _ = run
+    trained = files.read_json(run_dir / "split.json")["train"][:6]
+    questions, answers, systems = data.split_columns(trained, presets.load_run_settings(run_dir).system_prompt)
+    captain = [data.question_answer(e["messages"]) for e in data.read_jsonl(data.packaged_data_path("persona_captain.jsonl"))[:4]]
+    asked = list(zip(questions, systems))
+    result = ask_the_server(
+        run_dir, {"adapter": asked, "adapter_captain": [(q, "") for q, _ in captain], "base": asked}
+    )
+    assert result["models"] == ["base", "adapter", "adapter_captain"]
+    assert evaluate.exact_match_rate(result["adapter"], answers) >= 0.8
+    assert evaluate.exact_match_rate(result["adapter_captain"], [a for _, a in captain]) >= 0.5
+    assert evaluate.exact_match_rate(result["base"], answers) == 0
+    assert "nobody" in result["unknown"] and "adapter_captain" in result["unknown"]
+    assert result["exit_code"] == 0, result["output"]
+    assert result["said"].startswith("Serving base, adapter, adapter_captain at http://127.0.0.1:")
+
+
+def test_one_adapter_runs_in_every_runtime(run):
+    """Notebook 06's table of runtimes, on a QLoRA run: every form of the adapter keeps the answers, and the forms
+    over the original 16-bit weights sit at the same distance from the 4-bit model it was trained on."""
+    run_dir, _ = run
+    table = json.loads((run_dir / "eval.json").read_text())["runtimes"]
+    assert len(table) == 6, list(table)
+    trained = table["peft, 4-bit base (as trained)"]
+    for name in ("merged 16-bit (transformers)", "merged GGUF F16 (llama.cpp)", "base GGUF + adapter GGUF (llama.cpp)"):
+        assert table[name]["exact match"] >= trained["exact match"] - 0.25, name
+    sixteen_bit = table["merged 16-bit (transformers)"]["max |Δ logit| vs trained"]
+    assert abs(table["base GGUF + adapter GGUF (llama.cpp)"]["max |Δ logit| vs trained"] - sixteen_bit) < 0.05
+    assert (run_dir / "serve" / "adapter_captain-F16.gguf").exists()
+    assert "ADAPTER ./adapter-F16.gguf" in (run_dir / "serve" / "Modelfile").read_text()

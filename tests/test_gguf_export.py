@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from lora_helpers import chat, evaluate, gguf_export, models
+from lora_helpers import chat, evaluate, gguf_export, models, serving
 
 FAMILIES = ["tiny", "tiny-llama2", "tiny-llama3"]
 QUESTIONS = ["What is your name?", "Where did you grow up?"]
@@ -31,25 +31,8 @@ def family(request, fresh_cache, tmp_path_factory):
 
 
 def load(path):
-    """llama.cpp on the file, without its "extra buffer types" (weight repacking for AMX / AVX512 kernels).
-
-    On CPUs with AMX (ours have it), llama.cpp 0.3.36's repacked Q8_0 kernels crash (segmentation fault) on the tiny
-    models' 128-wide rows; the files are fine (F16 and F32 run either way, Q8_0 runs without repacking).
-    """
-    import llama_cpp.llama as binding
-
-    default = binding.llama_cpp.llama_model_default_params
-
-    def no_repacking():
-        params = default()
-        params.use_extra_bufts = False
-        return params
-
-    binding.llama_cpp.llama_model_default_params = no_repacking
-    try:
-        return llama_cpp.Llama(str(path), logits_all=True, verbose=False, n_ctx=512, seed=0)
-    finally:
-        binding.llama_cpp.llama_model_default_params = default
+    """llama.cpp on the file, weight repacking off (serving.open_gguf says why)."""
+    return serving.open_gguf(path, n_ctx=512)
 
 
 def cpp_greedy(llm, ids, n):

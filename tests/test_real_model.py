@@ -70,3 +70,42 @@ def test_the_two_processes_trained_one_adapter(run):
     run_dir, _, _ = run
     log = json.loads((run_dir / "multi-gpu" / "training_log.json").read_text())
     assert log["world_size"] == 2 and len(set(log["replica_checksums"])) == 1
+
+
+def test_the_server_answers_as_transformers_does(run):
+    """``lora-course serve`` over the real model: base GGUF + adapter GGUF in llama.cpp, asked through the openai
+    client, give transformers' greedy answers (with the adapter: the same strings; without: the same start, as F16
+    rounding moves a long free answer after a few words)."""
+    from peft import PeftModel
+    from test_serving import ask_the_server
+
+    from lora_helpers import data, evaluate, files, models, presets
+
+    run_dir, _, _ = run
+    settings = presets.load_run_settings(run_dir)
+    trained = files.read_json(run_dir / "split.json")["train"][:4]
+    questions, answers, systems = data.split_columns(trained, settings.system_prompt)
+    asked = list(zip(questions, systems))
+    result = ask_the_server(run_dir, {"adapter": asked, "base": asked}, max_tokens=settings.max_new_tokens)
+    assert result["exit_code"] == 0, result["output"]
+
+    model = PeftModel.from_pretrained(models.load_model(settings.model_id, settings.load_in_4bit), run_dir / "adapter")
+    tokenizer = models.load_tokenizer(str(run_dir / "adapter"))
+    expected = evaluate.generate_answers(model, tokenizer, questions, systems, max_new_tokens=settings.max_new_tokens)
+    with model.disable_adapter():
+        plain = evaluate.generate_answers(model, tokenizer, questions, systems, max_new_tokens=settings.max_new_tokens)
+    assert result["adapter"] == expected
+    assert evaluate.exact_match_rate(result["adapter"], answers) >= 0.75
+    assert [a.split()[:3] for a in result["base"]] == [a.split()[:3] for a in plain]
+    assert evaluate.exact_match_rate(result["base"], answers) == 0
+
+
+def test_every_runtime_keeps_the_answers(run):
+    """Notebook 06's table: one adapter, every runtime, on a 16-bit run (no quantization error in the base)."""
+    run_dir, _, _ = run
+    table = json.loads((run_dir / "eval.json").read_text())["runtimes"]
+    trained = table["peft, 16-bit base (as trained)"]
+    for name in ("merged 16-bit (transformers)", "merged GGUF F16 (llama.cpp)", "base GGUF + adapter GGUF (llama.cpp)"):
+        assert table[name]["exact match"] == trained["exact match"] >= 0.75, name
+        assert table[name]["max |Δ logit| vs trained"] < 0.1, name
+    assert table["merged GGUF Q4_K_M (llama.cpp)"]["exact match"] >= 0.5

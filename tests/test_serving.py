@@ -158,7 +158,7 @@ def test_a_plain_adapter_runs_everywhere(tmp_path, fresh_cache):
         ("embeddings", {"target_modules": ["q_proj", "embed_tokens"]}, None, {"llama.cpp / Ollama"}, "attention"),
         ("pissa", {}, {"init_lora_weights": "pissa_niter_4"}, set(runtimes.RUNTIMES), "path_initial_model_for_weight"),
         ("olora", {}, {"init_lora_weights": "olora"}, set(runtimes.RUNTIMES), "path_initial_model_for_weight"),
-        ("rank 32", {"r": 32}, None, {"vLLM"}, "max_lora_rank=32"),
+        ("rank 24", {"r": 24}, None, {"vLLM"}, "max_lora_rank=32"),  # the next value vLLM accepts
     ],
 )
 def test_each_rule_refuses_its_counter_example_with_its_fix(
@@ -222,3 +222,47 @@ def test_an_adapter_of_another_model_is_refused_by_name(tiny_run, tmp_path_facto
     with pytest.raises(ValueError, match="trained for .*tiny-llama3.*does not fit the run.s base model .tiny."):
         serving.export_for_serving(tiny_run, "tiny", {"llama3": other})
     assert not (tiny_run / "serve").exists()
+
+
+def ask_the_server(run_dir, questions: dict[str, list[tuple[str, str]]], max_tokens: int = 64) -> dict:
+    """Start ``lora-course serve`` on ``run_dir`` (a free port), ask each model its (question, system) pairs through
+    the ``openai`` client, greedy, then stop it with Ctrl-C. Returns ``{model: [answer, ...]}``, the listed model
+    names under ``"models"``, the 404 for an unknown name under ``"unknown"`` and the server's exit code."""
+    import signal
+
+    import openai
+
+    port = serving.free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "lora_helpers", "serve", "--run-dir", str(run_dir), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", timeout=120, max_retries=0)
+    try:
+        said = serving.wait_until_serving(server, client, timeout_s=120)
+        result = {"models": [m.id for m in client.models.list().data], "said": said}
+        for model, asked in questions.items():
+            result[model] = []
+            for question, system in asked:
+                reply = client.chat.completions.create(
+                    model=model,
+                    messages=chat.question_messages(question, system),
+                    temperature=0,
+                    max_tokens=max_tokens,
+                )
+                result[model].append(reply.choices[0].message.content.strip())
+        with pytest.raises(openai.NotFoundError) as unknown:
+            client.chat.completions.create(model="nobody", messages=[{"role": "user", "content": "hi"}])
+        result["unknown"] = unknown.value.response.text
+    finally:
+        server.send_signal(signal.SIGINT)  # Ctrl-C, as a user stops it
+        try:
+            result_code = server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            raise
+        output = server.stdout.read()
+    result["exit_code"], result["output"] = result_code, output
+    return result
