@@ -290,9 +290,11 @@ def run_course(
 
     lock = files.lock_run_dir(run_dir, f"lora-course course --preset {preset}")  # refuses while another writes
     os.environ[files.LOCK_OWNER_ENV] = str(os.getpid())  # the notebooks' kernels work under this lock
+    files.reserve_space(run_dir)  # freed to record a failure on a disk that filled up
     try:
         return _run_notebooks(preset, run_dir, notebooks, declared, params, overwrite, rehearse_t4, echo)
     finally:
+        files.release_space(run_dir)
         lock.release()
 
 
@@ -336,9 +338,11 @@ def _run_notebooks(preset, run_dir, notebooks, declared, params, overwrite, rehe
             )
         except (Exception, KeyboardInterrupt) as error:  # a cell that raised or hung, a dead kernel, Ctrl-C
             seconds = round(time.time() - start, 1)
+            files.release_space(run_dir)  # room for what follows, if the disk is full
             summary["notebooks"].append({"name": notebook.name, "seconds": seconds, **read_peaks(peaks_file)})
             summary["next"] = next_command(preset, run_dir, notebook, params, overwrite)
             failure = notebook_failure(error, summary, out_dir / notebook.name, kernel_log)
+            repair_executed_notebook(notebook, out_dir / notebook.name, failure)
             try:
                 write_summary(run_dir, summary, time.time() - total_start)
                 written = f"summary.json says so, with the command to continue: {summary['next']}"
@@ -357,6 +361,31 @@ def _run_notebooks(preset, run_dir, notebooks, declared, params, overwrite, rehe
 
 
 KERNEL_LOG_ENV = "LORA_COURSE_KERNEL_LOG"
+
+
+def repair_executed_notebook(source: Path, executed: Path, failure: Exception) -> Path | None:
+    """After a failure: an executed copy that is not a valid notebook (papermill was writing it when the disk filled)
+    is kept beside as ``NN.ipynb.cut-short`` and replaced by the lesson itself, opened by a cell that says what
+    happened, so that ``notebooks/`` holds only notebooks that open. Returns the kept copy, or None if it was valid."""
+    import nbformat
+
+    if not executed.exists():
+        return None
+    try:
+        nbformat.read(executed, as_version=4)
+        return None
+    except Exception:  # JSON cut short, or empty
+        kept = executed.with_name(executed.name + ".cut-short")
+        executed.replace(kept)
+    lesson = nbformat.read(source, as_version=4)
+    note = (
+        f"**This run of the notebook failed, and its executed copy could not be written whole.**\n\n"
+        f"```\n{failure}\n```\n\nWhat papermill had written is kept in `{kept.name}`. Below is the lesson "
+        "without outputs; `summary.json` in the run_dir has the command that continues."
+    )
+    lesson.cells.insert(0, nbformat.v4.new_markdown_cell(note))
+    nbformat.write(lesson, executed)
+    return kept
 
 
 def notebook_failure(error: BaseException, summary: dict, executed: Path, kernel_log: Path) -> NotebookFailed:

@@ -132,6 +132,29 @@ def atomic_dir(destination: str | Path):
         shutil.rmtree(old, ignore_errors=True)
 
 
+SPACE_RESERVE = ".space-reserve"
+SPACE_RESERVE_BYTES = 8 * 2**20  # summary.json and a repaired executed notebook need far less
+
+
+def reserve_space(run_dir: str | Path) -> Path:
+    """Hold a few megabytes of ``run_dir``'s disk in a hidden file while the course runs (the runner).
+
+    If the disk fills during a notebook, ``release_space`` frees them, so that ``summary.json`` and a valid
+    executed notebook can still be written: the run's failure is recorded, not replaced by a second one.
+    """
+    path = Path(run_dir) / SPACE_RESERVE
+    try:
+        with open(path, "wb") as handle:
+            handle.write(bytes(SPACE_RESERVE_BYTES))  # real blocks: a sparse file would reserve nothing
+    except OSError:
+        path.unlink(missing_ok=True)  # already full: the run's own first write will say so
+    return path
+
+
+def release_space(run_dir: str | Path) -> None:
+    (Path(run_dir) / SPACE_RESERVE).unlink(missing_ok=True)
+
+
 def clean_up_interrupted_save(destination: str | Path) -> list[Path]:
     """Remove what an interrupted ``atomic_dir`` save of ``destination`` left: its ``.partial-*`` folder (up to a
     whole 13 GB model) and, when the new version was already in place, the ``.old-*`` one. When the save died

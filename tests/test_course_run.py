@@ -336,7 +336,10 @@ def test_the_server_answers_with_each_adapter_and_the_base(run):
     run_dir, _ = run
     trained = files.read_json(run_dir / "split.json")["train"][:6]
     questions, answers, systems = data.split_columns(trained, presets.load_run_settings(run_dir).system_prompt)
-    captain = [data.question_answer(e["messages"]) for e in data.read_jsonl(data.packaged_data_path("persona_captain.jsonl"))[:4]]
+    captain = [
+        data.question_answer(e["messages"])
+        for e in data.read_jsonl(data.packaged_data_path("persona_captain.jsonl"))[:4]
+    ]
     asked = list(zip(questions, systems))
     result = ask_the_server(
         run_dir, {"adapter": asked, "adapter_captain": [(q, "") for q, _ in captain], "base": asked}

@@ -74,8 +74,9 @@ def test_the_two_processes_trained_one_adapter(run):
 
 def test_the_server_answers_as_transformers_does(run):
     """``lora-course serve`` over the real model: base GGUF + adapter GGUF in llama.cpp, asked through the openai
-    client, give transformers' greedy answers (with the adapter: the same strings; without: the same start, as F16
-    rounding moves a long free answer after a few words)."""
+    client, give transformers' greedy answers (with an adapter: the same strings; without: the same start, as F16
+    rounding moves a long free answer after a few words). Two adapters: the run's, and notebook 07's one-epoch
+    adapter of the same base, added with ``--adapter``."""
     from peft import PeftModel
     from test_serving import ask_the_server
 
@@ -86,15 +87,29 @@ def test_the_server_answers_as_transformers_does(run):
     trained = files.read_json(run_dir / "split.json")["train"][:4]
     questions, answers, systems = data.split_columns(trained, settings.system_prompt)
     asked = list(zip(questions, systems))
-    result = ask_the_server(run_dir, {"adapter": asked, "base": asked}, max_tokens=settings.max_new_tokens)
+    second = run_dir / "multi-gpu" / "adapter"
+    result = ask_the_server(
+        run_dir,
+        {"adapter": asked, "one_epoch": asked, "base": asked},
+        max_tokens=settings.max_new_tokens,
+        options=("--adapter", f"one_epoch={second}"),
+    )
     assert result["exit_code"] == 0, result["output"]
+    assert result["models"] == ["base", "adapter", "one_epoch"]
 
     model = PeftModel.from_pretrained(models.load_model(settings.model_id, settings.load_in_4bit), run_dir / "adapter")
+    model.load_adapter(second, adapter_name="one_epoch")
     tokenizer = models.load_tokenizer(str(run_dir / "adapter"))
-    expected = evaluate.generate_answers(model, tokenizer, questions, systems, max_new_tokens=settings.max_new_tokens)
+    expected = {}
+    for name in ("default", "one_epoch"):
+        model.set_adapter(name)
+        expected[name] = evaluate.generate_answers(
+            model, tokenizer, questions, systems, max_new_tokens=settings.max_new_tokens
+        )
     with model.disable_adapter():
         plain = evaluate.generate_answers(model, tokenizer, questions, systems, max_new_tokens=settings.max_new_tokens)
-    assert result["adapter"] == expected
+    assert result["adapter"] == expected["default"]
+    assert result["one_epoch"] == expected["one_epoch"] != expected["default"]
     assert evaluate.exact_match_rate(result["adapter"], answers) >= 0.75
     assert [a.split()[:3] for a in result["base"]] == [a.split()[:3] for a in plain]
     assert evaluate.exact_match_rate(result["base"], answers) == 0

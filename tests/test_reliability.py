@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import nbformat
 import pytest
 from safetensors.torch import load_file
 
@@ -402,3 +403,38 @@ def test_undeclared_parameters_are_read_from_the_kernels_history():
     presets.refuse_undeclared_parameters(["import x", declared])  # Jupyter: nothing injected, nothing to check
     with pytest.raises(ValueError, match=r"no parameter lora_rank: .*Its parameters are: preset, run_dir, seed"):
         presets.refuse_undeclared_parameters([declared, '# Parameters\npreset = "tiny"\nlora_rank = 8\n'])
+
+
+def test_a_full_disk_still_leaves_a_summary_and_notebooks_that_open(tmp_path, monkeypatch):
+    """The disk fills while papermill writes the executed copy: the space the runner held back is freed, so the
+    summary is written and the cut-short copy is replaced by a notebook that opens and says what happened."""
+    import papermill
+
+    run_dir = tmp_path / "run"
+    held = {}
+
+    def fills_the_disk(source, executed, **kwargs):
+        held["reserve"] = (run_dir / files.SPACE_RESERVE).stat().st_size
+        Path(executed).write_text('{"cells": [{"cell_type": "code", "source": "tr')  # cut short mid-write
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(papermill, "execute_notebook", fills_the_disk)
+    with pytest.raises(course.NotebookFailed) as error:
+        course.run_course("tiny", run_dir, only=["01"])
+    assert held["reserve"] == files.SPACE_RESERVE_BYTES
+    assert "is full" in str(error.value) and "summary.json says so" in str(error.value)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed" and "No space left on device" in summary["error"]["message"]
+    executed = nbformat.read(run_dir / "notebooks" / "01_setup.ipynb", as_version=4)
+    assert "could not be written whole" in executed.cells[0].source and "No space left" in executed.cells[0].source
+    assert len(executed.cells) == 1 + len(nbformat.read(course.course_notebooks(["01"])[0], as_version=4).cells)
+    assert (run_dir / "notebooks" / "01_setup.ipynb.cut-short").read_text().startswith('{"cells"')
+    assert not (run_dir / files.SPACE_RESERVE).exists()
+
+
+def test_a_valid_executed_notebook_is_left_as_it_is(tmp_path):
+    executed = tmp_path / "01_setup.ipynb"
+    source = course.course_notebooks(["01"])[0]
+    executed.write_bytes(source.read_bytes())
+    assert course.repair_executed_notebook(source, executed, RuntimeError("x")) is None
+    assert executed.read_bytes() == source.read_bytes()

@@ -224,8 +224,8 @@ def test_an_adapter_of_another_model_is_refused_by_name(tiny_run, tmp_path_facto
     assert not (tiny_run / "serve").exists()
 
 
-def ask_the_server(run_dir, questions: dict[str, list[tuple[str, str]]], max_tokens: int = 64) -> dict:
-    """Start ``lora-course serve`` on ``run_dir`` (a free port), ask each model its (question, system) pairs through
+def ask_the_server(run_dir, questions: dict[str, list[tuple[str, str]]], max_tokens: int = 64, options=()) -> dict:
+    """Start ``lora-course serve`` on ``run_dir`` (a free port, then ``options``), ask each model its (question, system) pairs through
     the ``openai`` client, greedy, then stop it with Ctrl-C. Returns ``{model: [answer, ...]}``, the listed model
     names under ``"models"``, the 404 for an unknown name under ``"unknown"`` and the server's exit code."""
     import signal
@@ -234,7 +234,7 @@ def ask_the_server(run_dir, questions: dict[str, list[tuple[str, str]]], max_tok
 
     port = serving.free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "lora_helpers", "serve", "--run-dir", str(run_dir), "--port", str(port)],
+        [sys.executable, "-m", "lora_helpers", "serve", "--run-dir", str(run_dir), "--port", str(port), *options],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
