@@ -9,6 +9,9 @@ its peak memory is its own):
   ``max_length``, transformers' default attention, random batches, loss on every token;
 - course: notebook 04's recipe (``training.sft_config``): ``SFTTrainer``, each batch padded only to its longest
   example, batches grouped by length, the device's attention and optimizer, loss on the answers;
+- course + packing: the course's recipe with ``packing=True`` (notebook 04, "Packing"): each row of the batch
+  holds several whole examples, each attending only to itself; the same number of optimizer steps carries more
+  real tokens;
 - course at max_length: the course's recipe on examples that all fill ``max_length`` (the worst case, which
   the memory planner estimates), to compare the planner's estimate with a measured peak.
 
@@ -35,7 +38,8 @@ from lora_helpers import files, plan, presets
 # Random-weight models with real shapes (GPU only), and the preset each is measured with by default:
 SHAPED = {"llama-2-7b": "llama2-7b-about-me", "llama-3.2-3b": "llama3.2-3b", "llama-3.1-8b": "llama3.1-8b"}
 MODELS = ("tiny", "mid", *SHAPED)
-VARIANTS = ("baseline", "course", "course at max_length")
+VARIANTS = ("baseline", "course", "course + packing", "course at max_length")
+INTERLEAVED = VARIANTS[:3]  # repeated in turn; the worst case runs once
 OFFLINE_DATASET = "package:guanaco_llama2_sample.jsonl"  # for presets whose dataset is on the Hub
 WARMUP_STEPS = 3  # not timed: the first steps allocate, warm caches and build kernels
 GB = 2**30
@@ -246,7 +250,8 @@ def run_variant(variant: str, model: str, preset: str, steps: int, batch_size: i
     else:
         if variant == "course at max_length":
             train = full_length_dataset(tokenizer, 4 * settings.per_device_train_batch_size, settings.max_length)
-        args = training.sft_config(settings, scratch, evaluation=False, **quiet)
+        packing = {"packing": True} if variant == "course + packing" else {}
+        args = training.sft_config(settings, scratch, evaluation=False, **quiet, **packing)
         trainer = SFTTrainer(
             model=net, args=args, train_dataset=train, processing_class=tokenizer, callbacks=[meter.callback]
         )
@@ -366,6 +371,17 @@ def benchmark(
             os.environ["OMP_WAIT_POLICY"] = saved_policy
 
 
+def ratios(ours: dict, base: dict) -> dict:
+    """One variant's medians over another's: above 1 is faster (or, for memory, more)."""
+    return {
+        "real_tokens_per_s": ours["real_tokens_per_s"] / base["real_tokens_per_s"],
+        "supervised_tokens_per_s": ours["supervised_tokens_per_s"] / base["supervised_tokens_per_s"],
+        "all_tokens_per_s": ours["all_tokens_per_s"] / base["all_tokens_per_s"],
+        "steps_per_s": base["seconds_per_step"] / ours["seconds_per_step"],
+        "peak_memory": ours["peak_memory_mb"] / base["peak_memory_mb"],
+    }
+
+
 def _benchmark(model, preset, steps, batch_size, max_length, repeats) -> dict:
     import multiprocessing
 
@@ -375,18 +391,11 @@ def _benchmark(model, preset, steps, batch_size, max_length, repeats) -> dict:
     args = (model, preset, steps, batch_size, max_length)
     runs = {variant: [] for variant in VARIANTS}
     for _ in range(repeats):
-        for variant in VARIANTS[:2]:
+        for variant in INTERLEAVED:
             runs[variant].append(_run_in_fresh_process(context, variant, *args))
-    runs[VARIANTS[2]].append(_run_in_fresh_process(context, VARIANTS[2], *args))
+    runs[VARIANTS[-1]].append(_run_in_fresh_process(context, VARIANTS[-1], *args))
     results = {variant: median_run(variant_runs) for variant, variant_runs in runs.items()}
-    base, ours, full = (results[v] for v in VARIANTS)
-    ratios = {
-        "real_tokens_per_s": ours["real_tokens_per_s"] / base["real_tokens_per_s"],
-        "supervised_tokens_per_s": ours["supervised_tokens_per_s"] / base["supervised_tokens_per_s"],
-        "all_tokens_per_s": ours["all_tokens_per_s"] / base["all_tokens_per_s"],
-        "steps_per_s": base["seconds_per_step"] / ours["seconds_per_step"],
-        "peak_memory": ours["peak_memory_mb"] / base["peak_memory_mb"],
-    }
+    base, ours, packed, full = (results[v] for v in VARIANTS)
     planner = {
         "weights_error_%": 100 * (full["planned_weights_mb"] / full["weights_mb"] - 1),
         "activations_error_%": 100 * (full["planned_activations_mb"] / full["activations_mb"] - 1),
@@ -401,7 +410,8 @@ def _benchmark(model, preset, steps, batch_size, max_length, repeats) -> dict:
     return {
         "settings": settings,
         **results,
-        "ratio_course_over_baseline": ratios,
+        "ratio_course_over_baseline": ratios(ours, base),
+        "ratio_packing_over_baseline": ratios(packed, base),
         "planner": planner,
         "real_tokens_per_s_of_each_run": per_run,
     }
@@ -409,34 +419,56 @@ def _benchmark(model, preset, steps, batch_size, max_length, repeats) -> dict:
 
 def markdown_table(result: dict) -> str:
     """The measurements side by side, with the ratios and the planner's error."""
-    b, c, f = (result[v] for v in VARIANTS)
-    r, p, s = result["ratio_course_over_baseline"], result["planner"], result["settings"]
+    b, c, k, f = (result[v] for v in VARIANTS)
+    r, q = result["ratio_course_over_baseline"], result["ratio_packing_over_baseline"]
+    p, s = result["planner"], result["settings"]
     rows = [
-        ("optimizer steps / s", 1 / b["seconds_per_step"], 1 / c["seconds_per_step"], r["steps_per_s"]),
-        ("real tokens / s", b["real_tokens_per_s"], c["real_tokens_per_s"], r["real_tokens_per_s"]),
+        (
+            "optimizer steps / s",
+            "steps_per_s",
+            1 / b["seconds_per_step"],
+            1 / c["seconds_per_step"],
+            1 / k["seconds_per_step"],
+        ),
+        (
+            "real tokens / s",
+            "real_tokens_per_s",
+            b["real_tokens_per_s"],
+            c["real_tokens_per_s"],
+            k["real_tokens_per_s"],
+        ),
         (
             "supervised tokens / s",
+            "supervised_tokens_per_s",
             b["supervised_tokens_per_s"],
             c["supervised_tokens_per_s"],
-            r["supervised_tokens_per_s"],
+            k["supervised_tokens_per_s"],
         ),
-        ("all tokens / s (with padding)", b["all_tokens_per_s"], c["all_tokens_per_s"], r["all_tokens_per_s"]),
-        ("peak memory (MB)", b["peak_memory_mb"], c["peak_memory_mb"], r["peak_memory"]),
+        (
+            "all tokens / s (with padding)",
+            "all_tokens_per_s",
+            b["all_tokens_per_s"],
+            c["all_tokens_per_s"],
+            k["all_tokens_per_s"],
+        ),
+        ("peak memory (MB)", "peak_memory", b["peak_memory_mb"], c["peak_memory_mb"], k["peak_memory_mb"]),
     ]
     memory = "CUDA max reserved" if "peak_allocated_mb" in c else "peak RSS of the process"
     lines = [
         f"Model `{s['model']}` with preset `{s['preset']}`: batch {s['batch_size']}, max_length {s['max_length']}, "
         f"gradient checkpointing {'on' if s['gradient_checkpointing'] else 'off'}, {s['steps']} timed steps after "
         f"{s['warmup_steps']} untimed ones, on {c['device']}, timed in {c['clock']}. Peak memory: {memory}. "
-        f"Baseline and course ran "
+        f"Baseline, course and course + packing ran "
         f"{s['repeats']} times each, interleaved, each run in a fresh process: medians, ratios of the medians. Spread "
         f"of real tokens / s between runs, (max - min) / median: baseline {b['spread_%']['real_tokens_per_s']:.0f}%, "
-        f"course {c['spread_%']['real_tokens_per_s']:.0f}%.",
+        f"course {c['spread_%']['real_tokens_per_s']:.0f}%, packing {k['spread_%']['real_tokens_per_s']:.0f}%.",
         "",
-        "| | baseline (Llama-2 about-me recipe) | course | course / baseline |",
-        "|---|---|---|---|",
+        "| | baseline (Llama-2 about-me recipe) | course | course + packing | course / baseline | packing / baseline |",
+        "|---|---|---|---|---|---|",
     ]
-    lines += [f"| {name} | {x:,.1f} | {y:,.1f} | {ratio:.2f}x |" for name, x, y, ratio in rows]
+    lines += [
+        f"| {name} | {x:,.1f} | {y:,.1f} | {z:,.1f} | {r[key]:.2f}x | {q[key]:.2f}x |" for name, key, x, y, z in rows
+    ]
     gpu = p["peak_error_%"] is not None
     lines += [
         "",

@@ -230,6 +230,11 @@ def check_values(preset: str, params: dict):
     gguf_export.parse_file_types(str(gguf_types or ""))
     if gguf_types != "":  # notebook 05 writes the system prompt into an Ollama Modelfile
         gguf_export.check_ollama_text(settings.system_prompt, "system_prompt")
+    if settings.packing and params.get("trainer_route") == "trainer":
+        raise ValueError(
+            "-p packing=True needs trainer_route='sft': packing is SFTTrainer's; the plain Trainer route pads every "
+            "example to max_length, as the Llama-2 about-me recipe does."
+        )
     tolerance = params.get("merge_tolerance")
     if tolerance is not None and not (isinstance(tolerance, (int, float)) and tolerance > 0):
         raise ValueError(f"-p merge_tolerance={tolerance}: the largest allowed |Δ logit| must be a number above 0.")

@@ -52,6 +52,7 @@ class Settings:
     )
     early_stopping_patience: int = 0  # stop after this many evaluations without a lower eval loss (0: never)
     replay: str = ""  # general prompts whose base-model answers are trained too, against forgetting ("": none)
+    packing: bool = False  # several whole examples per row of max_length tokens, each attending only to itself (04)
 
 
 PRESETS: dict[str, Settings] = {

@@ -11,9 +11,9 @@ from lora_helpers import bench, plan, tiny
 
 def test_benchmark_runs_every_recipe_and_writes_results(tmp_path, tiny_dir):
     result = bench.benchmark("tiny", steps=4, repeats=2)
-    base, ours, full = (result[v] for v in bench.VARIANTS)
-    assert base["steps"] == ours["steps"] == full["steps"] == 4
-    assert (base["runs"], ours["runs"], full["runs"]) == (2, 2, 1)  # interleaved repeats; the worst case once
+    base, ours, packed, full = (result[v] for v in bench.VARIANTS)
+    assert base["steps"] == ours["steps"] == packed["steps"] == full["steps"] == 4
+    assert (base["runs"], ours["runs"], packed["runs"], full["runs"]) == (2, 2, 2, 1)  # interleaved; the worst case once
     assert ours["clock"] == "CPU time of the process"  # a busy machine's other processes do not count on a CPU
     assert "OMP_WAIT_POLICY" not in os.environ  # set for the children only, then restored
     each = result["real_tokens_per_s_of_each_run"]
@@ -23,12 +23,15 @@ def test_benchmark_runs_every_recipe_and_writes_results(tmp_path, tiny_dir):
     assert base["all_tokens"] == 4 * 8 * 128  # the Llama-2 about-me recipe pads every example to max_length
     assert ours["all_tokens"] < 0.5 * base["all_tokens"]  # the course pads each batch to its longest example
     assert full["all_tokens"] == full["real_tokens"] == 4 * 8 * 128  # the worst case fills max_length, no padding
+    assert packed["all_tokens"] == packed["real_tokens"]  # packed rows carry no padding at all
+    assert packed["real_tokens"] > 2 * ours["real_tokens"]  # several examples per row: more real tokens per step
+    assert 0 < packed["supervised_tokens"] < packed["real_tokens"]  # still the answers only
     assert base["supervised_tokens"] == base["real_tokens"]  # the Llama-2 about-me recipe: loss on every token
     assert 0 < ours["supervised_tokens"] < ours["real_tokens"]  # the course: loss on the answers only
     assert full["supervised_tokens"] == 4 * 8 * 64
     assert ours["attention"] == "sdpa"
     for key in ("real_tokens_per_s", "supervised_tokens_per_s", "steps_per_s", "peak_memory"):
-        assert result["ratio_course_over_baseline"][key] > 0
+        assert result["ratio_course_over_baseline"][key] > 0 and result["ratio_packing_over_baseline"][key] > 0
     # The planner's weight estimate against the loaded model (fp32 on a CPU); absmax scales are not in the footprint
     assert abs(result["planner"]["weights_error_%"]) < 5
     assert abs(result["planner"]["activations_error_%"]) < 15  # the planner's activation model, checked
@@ -36,7 +39,7 @@ def test_benchmark_runs_every_recipe_and_writes_results(tmp_path, tiny_dir):
     json_path, md_path = bench.write_results(result, tmp_path)
     assert json.loads(json_path.read_text())["settings"]["batch_size"] == 8
     table = md_path.read_text()
-    assert "| real tokens / s |" in table and "| kept for backward, one example, no checkpointing |" in table
+    assert "| real tokens / s |" in table and "packing / baseline" in table and "| kept for backward, one example, no checkpointing |" in table
 
 
 def test_a_gpu_preset_runs_its_own_settings_offline(tiny_dir):

@@ -348,3 +348,66 @@ def test_unsloth_route_is_taken_only_where_it_can_run(monkeypatch, requested, cu
     assert taken is expected
     if requested and not expected:
         assert "the standard route runs" in why and ("CUDA GPU" in why if not cuda else "not installed" in why)
+
+
+def packed_and_unpacked(tmp_path):
+    """The tiny preset's training batches, as notebook 04's SFTTrainer builds them, without and with packing, and
+    the model (at its initial adapter) they go through."""
+    from trl import SFTTrainer
+
+    from lora_helpers import models
+
+    settings = presets.resolve_settings("tiny")
+    tokenizer = models.load_tokenizer(settings.model_id, chat_format=settings.chat_format)
+    train = training.prepare_datasets(settings, tokenizer).train
+    torch.manual_seed(0)
+    model = training.lora_model(settings, tokenizer=tokenizer)
+    with torch.no_grad():  # a non-zero B, so the adapter takes part in the logits
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.02)
+    batches = {}
+    for packing in (False, True):
+        args = training.sft_config(presets.resolve_settings("tiny", packing=packing), tmp_path / str(packing), False)
+        trainer = SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer)
+        batches[packing] = list(trainer.get_train_dataloader())
+    return model.eval(), batches
+
+
+def summed_loss(model, batch) -> tuple[float, int]:
+    """Summed next-token loss over the supervised tokens of a batch, and their number, as the trainer calls it."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        logits = model(**inputs, use_cache=False).logits[:, :-1].float()
+    labels = batch["labels"][:, 1:]
+    kept = labels != -100
+    return torch.nn.functional.cross_entropy(logits[kept], labels[kept], reduction="sum").item(), int(kept.sum())
+
+
+def test_packing_gives_the_same_loss_on_the_same_examples(tmp_path):
+    model, batches = packed_and_unpacked(tmp_path)
+    assert "position_ids" in batches[True][0] and "attention_mask" not in batches[True][0]
+    assert len(batches[True]) < len(batches[False])  # fewer, fuller steps
+    totals = {}
+    for packing, group in batches.items():
+        losses = [summed_loss(model, batch) for batch in group]
+        totals[packing] = (sum(loss for loss, _ in losses), sum(n for _, n in losses))
+    assert totals[True][1] == totals[False][1]  # the same supervised tokens: the answers, once each
+    unpacked, packed = (totals[p][0] / totals[p][1] for p in (False, True))
+    assert packed == pytest.approx(unpacked, rel=1e-5)
+
+
+def test_in_a_packed_row_no_example_attends_to_another(tmp_path):
+    model, batches = packed_and_unpacked(tmp_path)
+    batch = batches[True][0]
+    starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist()
+    assert len(starts) >= 3  # several examples in the row
+    first_end = starts[1]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    changed = {**inputs, "input_ids": inputs["input_ids"].clone()}
+    changed["input_ids"][0, :first_end] = torch.flip(changed["input_ids"][0, :first_end], [0])  # the first example
+    with torch.no_grad():
+        before = model(**inputs, use_cache=False).logits[0]
+        after = model(**changed, use_cache=False).logits[0]
+    assert (after[:first_end] - before[:first_end]).abs().max() > 1e-2  # the changed example sees its change
+    assert (after[first_end:] - before[first_end:]).abs().max() < 1e-5  # no other example does
