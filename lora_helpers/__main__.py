@@ -82,14 +82,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "--model",
-        choices=["tiny", "mid", "llama-2-7b", "llama-3.2-3b", "llama-3.1-8b"],
+        choices=["tiny", "mid", "smollm2-135m", "llama-2-7b", "llama-3.2-3b", "llama-3.1-8b"],
         default="tiny",
-        help="tiny and mid run on a CPU; the others are random-weight models with those exact shapes (GPU only)",
+        help="tiny, mid and the real smollm2-135m run on a CPU; the Llama ones are random-weight models with those "
+        "exact shapes (GPU only)",
     )
     bench.add_argument("--preset", default=None, help="the settings to measure (default: tiny, or the shape's preset)")
     bench.add_argument("--steps", type=int, default=20, help="timed optimizer steps, after 3 untimed ones")
     bench.add_argument("--batch-size", type=int, default=None)
     bench.add_argument("--max-length", type=int, default=None)
+    bench.add_argument(
+        "--dataset", default=None, help="another data shape, e.g. package:guanaco_llama2_sample.jsonl (mixed lengths)"
+    )
     bench.add_argument("--repeats", type=int, default=3, help="runs of baseline and course each, interleaved")
     bench.add_argument("--out", default="runs/bench", help="where bench.json and bench.md go")
 
@@ -186,7 +190,9 @@ def plan(args) -> int:
 def bench(args) -> int:
     from lora_helpers import bench as benchmark
 
-    result = benchmark.benchmark(args.model, args.preset, args.steps, args.batch_size, args.max_length, args.repeats)
+    result = benchmark.benchmark(
+        args.model, args.preset, args.steps, args.batch_size, args.max_length, args.repeats, args.dataset
+    )
     for path in benchmark.write_results(result, args.out):
         print("wrote", path)
     print(benchmark.markdown_table(result))

@@ -37,7 +37,8 @@ from lora_helpers import files, plan, presets
 
 # Random-weight models with real shapes (GPU only), and the preset each is measured with by default:
 SHAPED = {"llama-2-7b": "llama2-7b-about-me", "llama-3.2-3b": "llama3.2-3b", "llama-3.1-8b": "llama3.1-8b"}
-MODELS = ("tiny", "mid", *SHAPED)
+REAL = {"smollm2-135m": "smollm2-135m"}  # a real pretrained model, offline (lora_helpers.smollm2), and its preset
+MODELS = ("tiny", "mid", *REAL, *SHAPED)
 VARIANTS = ("baseline", "course", "course + packing", "course at max_length")
 INTERLEAVED = VARIANTS[:3]  # repeated in turn; the worst case runs once
 OFFLINE_DATASET = "package:guanaco_llama2_sample.jsonl"  # for presets whose dataset is on the Hub
@@ -51,6 +52,8 @@ def model_dir(model: str) -> str:
 
     if model == "tiny":
         return "tiny"
+    if model in REAL:
+        return presets.get_preset(REAL[model]).model_id
     if model not in MODELS:
         raise ValueError(f"Unknown benchmark model {model!r}. Choose one of: {', '.join(MODELS)}.")
     if model in SHAPED:  # the same models as the course runner's --random-weights
@@ -213,7 +216,15 @@ def planner_against_run(net, settings, train, compute_bytes: int) -> dict:
     }
 
 
-def run_variant(variant: str, model: str, preset: str, steps: int, batch_size: int | None, max_length: int | None):
+def run_variant(
+    variant: str,
+    model: str,
+    preset: str,
+    steps: int,
+    batch_size: int | None,
+    max_length: int | None,
+    dataset: str | None = None,
+):
     """Train ``steps`` optimizer steps (after ``WARMUP_STEPS`` untimed ones) with one recipe; return measurements."""
     import torch
     from transformers import set_seed
@@ -221,9 +232,8 @@ def run_variant(variant: str, model: str, preset: str, steps: int, batch_size: i
 
     from lora_helpers import device, models, training
 
-    overrides = {"per_device_train_batch_size": batch_size, "max_length": max_length}
-    dataset = presets.get_preset(preset).dataset
-    if not dataset.startswith("package:"):  # no download: shipped examples of varied lengths instead
+    overrides = {"per_device_train_batch_size": batch_size, "max_length": max_length, "dataset": dataset}
+    if not (dataset or presets.get_preset(preset).dataset).startswith("package:"):  # no download: shipped examples
         overrides["dataset"] = OFFLINE_DATASET
     settings = presets.resolve_settings(
         preset, model_id=model_dir(model), gradient_accumulation_steps=1, eval_fraction=0.0, **overrides
@@ -341,6 +351,7 @@ def benchmark(
     batch_size: int | None = None,
     max_length: int | None = None,
     repeats: int = 3,
+    dataset: str | None = None,
 ) -> dict:
     """Run every variant, each in a fresh process, and report course/baseline ratios and the planner's error.
 
@@ -357,13 +368,13 @@ def benchmark(
         )
     if repeats < 1:
         raise ValueError(f"repeats={repeats}: run each variant at least once.")
-    preset = preset or SHAPED.get(model, "tiny")
+    preset = preset or {**SHAPED, **REAL}.get(model, "tiny")
     # Idle OpenMP threads sleep rather than spin: on a CPU the runs are timed in CPU time, and spinning while
     # waiting for a descheduled sibling thread would count a busy machine's delays as work. Children inherit it.
     saved_policy = os.environ.get("OMP_WAIT_POLICY")
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     try:
-        return _benchmark(model, preset, steps, batch_size, max_length, repeats)
+        return _benchmark(model, preset, steps, batch_size, max_length, repeats, dataset)
     finally:
         if saved_policy is None:
             os.environ.pop("OMP_WAIT_POLICY")
@@ -382,13 +393,13 @@ def ratios(ours: dict, base: dict) -> dict:
     }
 
 
-def _benchmark(model, preset, steps, batch_size, max_length, repeats) -> dict:
+def _benchmark(model, preset, steps, batch_size, max_length, repeats, dataset) -> dict:
     import multiprocessing
 
     import torch
 
     context = multiprocessing.get_context("spawn")
-    args = (model, preset, steps, batch_size, max_length)
+    args = (model, preset, steps, batch_size, max_length, dataset)
     runs = {variant: [] for variant in VARIANTS}
     for _ in range(repeats):
         for variant in INTERLEAVED:
@@ -405,7 +416,7 @@ def _benchmark(model, preset, steps, batch_size, max_length, repeats) -> dict:
         else None,
     }
     settings = {"model": model, "preset": preset, "steps": steps, "warmup_steps": WARMUP_STEPS, "repeats": repeats}
-    settings |= {key: ours[key] for key in ("batch_size", "max_length", "gradient_checkpointing")}
+    settings |= {key: ours[key] for key in ("dataset", "batch_size", "max_length", "gradient_checkpointing")}
     per_run = {v: [run["real_tokens_per_s"] for run in variant_runs] for v, variant_runs in runs.items()}
     return {
         "settings": settings,
@@ -455,7 +466,8 @@ def markdown_table(result: dict) -> str:
     ]
     memory = "CUDA max reserved" if "peak_allocated_mb" in c else "peak RSS of the process"
     lines = [
-        f"Model `{s['model']}` with preset `{s['preset']}`: batch {s['batch_size']}, max_length {s['max_length']}, "
+        f"Model `{s['model']}` with preset `{s['preset']}`, data `{s['dataset']}`: batch {s['batch_size']}, "
+        f"max_length {s['max_length']}, "
         f"gradient checkpointing {'on' if s['gradient_checkpointing'] else 'off'}, {s['steps']} timed steps after "
         f"{s['warmup_steps']} untimed ones, on {c['device']}, timed in {c['clock']}. Peak memory: {memory}. "
         f"Baseline, course and course + packing ran "

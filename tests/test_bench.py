@@ -13,7 +13,12 @@ def test_benchmark_runs_every_recipe_and_writes_results(tmp_path, tiny_dir):
     result = bench.benchmark("tiny", steps=4, repeats=2)
     base, ours, packed, full = (result[v] for v in bench.VARIANTS)
     assert base["steps"] == ours["steps"] == packed["steps"] == full["steps"] == 4
-    assert (base["runs"], ours["runs"], packed["runs"], full["runs"]) == (2, 2, 2, 1)  # interleaved; the worst case once
+    assert (base["runs"], ours["runs"], packed["runs"], full["runs"]) == (
+        2,
+        2,
+        2,
+        1,
+    )  # interleaved; the worst case once
     assert ours["clock"] == "CPU time of the process"  # a busy machine's other processes do not count on a CPU
     assert "OMP_WAIT_POLICY" not in os.environ  # set for the children only, then restored
     each = result["real_tokens_per_s_of_each_run"]
@@ -39,7 +44,11 @@ def test_benchmark_runs_every_recipe_and_writes_results(tmp_path, tiny_dir):
     json_path, md_path = bench.write_results(result, tmp_path)
     assert json.loads(json_path.read_text())["settings"]["batch_size"] == 8
     table = md_path.read_text()
-    assert "| real tokens / s |" in table and "packing / baseline" in table and "| kept for backward, one example, no checkpointing |" in table
+    assert (
+        "| real tokens / s |" in table
+        and "packing / baseline" in table
+        and "| kept for backward, one example, no checkpointing |" in table
+    )
 
 
 def test_a_gpu_preset_runs_its_own_settings_offline(tiny_dir):

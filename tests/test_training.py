@@ -411,3 +411,21 @@ def test_in_a_packed_row_no_example_attends_to_another(tmp_path):
         after = model(**changed, use_cache=False).logits[0]
     assert (after[:first_end] - before[:first_end]).abs().max() > 1e-2  # the changed example sees its change
     assert (after[first_end:] - before[first_end:]).abs().max() < 1e-5  # no other example does
+
+
+def test_packed_training_learns_the_answers(tmp_path, tiny_dir):
+    """The same optimizer steps as the tiny preset (about 180): with packing an epoch has a third of the steps,
+    so three times the epochs; then the answers come back exactly, and the model stops after them."""
+    from lora_helpers import data, evaluate, models
+
+    settings = presets.resolve_settings("tiny", packing=True, eval_fraction=0.0, num_train_epochs=90)
+    trainer = training.train_adapter(settings, str(tmp_path / "adapter"))
+    assert 150 <= trainer.state.global_step <= 200
+    questions, answers, systems = data.split_columns(trainer.prepared.split["train"], settings.system_prompt)
+    tokenizer = models.load_tokenizer(str(tmp_path / "adapter"))
+    trainer.model.eval()
+    got, finished = evaluate.generate_answers(
+        trainer.model, tokenizer, questions, systems, max_new_tokens=settings.max_new_tokens, return_finished=True
+    )
+    assert evaluate.exact_match_rate(got, answers) >= 0.8
+    assert sum(finished) / len(finished) >= 0.9
