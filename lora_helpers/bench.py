@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import math
 import os
 import tempfile
 import time
@@ -227,6 +228,7 @@ def run_variant(
 ):
     """Train ``steps`` optimizer steps (after ``WARMUP_STEPS`` untimed ones) with one recipe; return measurements."""
     import torch
+    from datasets import concatenate_datasets
     from transformers import set_seed
     from trl import SFTTrainer
 
@@ -244,9 +246,14 @@ def run_variant(
     adapters = sum(p.numel() * p.element_size() for p in net.parameters() if p.requires_grad)
     weights_mb = (net.get_memory_footprint() - adapters) / 2**20  # as training holds them: the rest in fp32
     compute_bytes = torch.finfo(device.compute_dtype()).bits // 8
-    train = training.prepare_datasets(settings, tokenizer).train
+    prepared = training.prepare_datasets(settings, tokenizer)
     meter = _Meter(WARMUP_STEPS)
     total_steps = steps + WARMUP_STEPS
+    # Enough examples for every step within one epoch, packed too (a packed row holds max_length tokens): a small
+    # data set is repeated, the same for every variant.
+    tokens = sum(min(n, settings.max_length) for n in prepared.lengths["lengths"])
+    copies = math.ceil((total_steps + 1) * settings.per_device_train_batch_size * settings.max_length / tokens)
+    train = concatenate_datasets([prepared.train] * copies) if copies > 1 else prepared.train
     scratch = tempfile.mkdtemp(prefix="lora-bench-")  # save_strategy="no": nothing is kept there
     quiet = dict(
         max_steps=total_steps,
