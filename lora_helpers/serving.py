@@ -325,3 +325,18 @@ def wait_until_serving(server, client, timeout_s: float = 300) -> str:
             time.sleep(0.5)
     server.kill()
     raise TimeoutError(f"lora-course serve did not answer within {timeout_s:.0f} s; it printed:\n{said}")
+
+
+def missing_packages() -> list[str]:
+    """What ``pip install`` still needs for the server and its client (notebook 06 says it instead of failing)."""
+    import importlib.util
+
+    wanted = {
+        "llama_cpp": "llama-cpp-python[server]",
+        "uvicorn": "llama-cpp-python[server]",
+        "fastapi": "llama-cpp-python[server]",
+        "openai": "openai",
+    }
+    return list(
+        dict.fromkeys(package for module, package in wanted.items() if importlib.util.find_spec(module) is None)
+    )

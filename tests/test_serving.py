@@ -266,3 +266,13 @@ def ask_the_server(run_dir, questions: dict[str, list[tuple[str, str]]], max_tok
         output = server.stdout.read()
     result["exit_code"], result["output"] = result_code, output
     return result
+
+
+def test_what_is_missing_for_the_server_is_named(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name in ("uvicorn", "openai") else real(name))
+    assert serving.missing_packages() == ["llama-cpp-python[server]", "openai"]
+    monkeypatch.setattr(importlib.util, "find_spec", real)
+    assert serving.missing_packages() == []  # the dev extras install both
