@@ -72,13 +72,18 @@ def export_for_serving(run_dir, model_id: str, extra: dict[str, Path] | None = N
     """``{model name: GGUF file}``: the base written once to ``run_dir/serve/base-F16.gguf`` (again when another
     model made it), and each adapter (``adapter_dirs``) as a llama.cpp LoRA file beside it.
 
-    Every adapter is checked first (runs in llama.cpp, fits the base model's layers), so a wrong one fails before
-    the base is written or loaded.
+    The base must be a Llama-architecture model (``gguf_export``), and every adapter is checked first (runs in
+    llama.cpp, fits the base model's layers), so a wrong one fails before the base is written or loaded.
     """
+    from transformers import AutoConfig
+
     from lora_helpers import runtimes
 
     serve_dir = Path(run_dir) / SERVE_DIR
     base_dir = base_model_dir(model_id)
+    kind = AutoConfig.from_pretrained(base_dir).model_type
+    if kind != "llama":  # the course's GGUF writer; llama.cpp's own converters cover the rest
+        raise ValueError(gguf_export.UNSUPPORTED.format(kind=kind))
     adapters = adapter_dirs(run_dir, extra)
     for adapter in adapters.values():
         runtimes.refuse_unless_runs(adapter, "llama.cpp / Ollama")

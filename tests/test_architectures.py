@@ -126,4 +126,6 @@ def test_a_gpt_neox_model_runs_the_whole_course(tmp_path):
     assert not (run_dir / "gguf").exists() or not list((run_dir / "gguf").glob("*.gguf"))
     merge_nb = (run_dir / "notebooks" / "05_merge.ipynb").read_text()
     assert "convert_hf_to_gguf.py" in merge_nb  # GGUF skipped, naming the converter to use
+    inference_nb = (run_dir / "notebooks" / "06_inference.ipynb").read_text()
+    assert "not served: " in inference_nb and not (run_dir / "serve" / "base-F16.gguf").exists()  # said, not failed
     assert summary["exact_match"]["fine_tuned"] >= 0.5 and summary["exact_match"]["base"] <= 0.05
