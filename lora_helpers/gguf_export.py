@@ -21,6 +21,7 @@ that llama.cpp tokenizes the chat-templated prompt to the same ids as transforme
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -283,21 +284,45 @@ def _stored_size(shape: tuple, file_type: str) -> int:
     return gguf.quant_shape_to_byte_shape(shape, kind)[-1] * math.prod(shape[:-1])
 
 
+def _rope_layout(name: str, rows: np.ndarray, config) -> np.ndarray:
+    """The output rows of a query or key weight (or of a LoRA B over it) in llama.cpp's rotary layout; others as
+    they are."""
+    if name.endswith("self_attn.q_proj.weight"):
+        return permute_for_rope(rows, config.num_attention_heads)
+    if name.endswith("self_attn.k_proj.weight"):
+        return permute_for_rope(rows, config.num_key_value_heads or config.num_attention_heads)
+    return rows
+
+
+@contextlib.contextmanager
+def _atomic_gguf_writer(out_path: Path):
+    """A Llama ``gguf.GGUFWriter`` writing beside ``out_path``: the file is renamed into place only when whole, and
+    removed on any error (Ctrl-C included)."""
+    import gguf
+
+    tmp = out_path.with_name(f".{out_path.name}.partial")
+    writer = gguf.GGUFWriter(tmp, arch="llama")
+    try:
+        yield writer
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    writer.close()
+    tmp.replace(out_path)
+
+
 def _convert(name: str, array: np.ndarray, config, file_type: str) -> np.ndarray:
     """One tensor as it goes into the file: rope rows permuted, then cast or quantized as ``_storage`` says."""
     import gguf
 
-    if name.endswith("self_attn.q_proj.weight"):
-        array = permute_for_rope(array, config.num_attention_heads)
-    elif name.endswith("self_attn.k_proj.weight"):
-        array = permute_for_rope(array, config.num_key_value_heads or config.num_attention_heads)
+    array = _rope_layout(name, array, config)
     dtype, kind = _storage(array.ndim, file_type)
     return gguf.quants.quantize(array, kind) if kind is not None else array.astype(dtype)
 
 
 def export_gguf(merged_dir: str | Path, out_path: str | Path, file_type: str = "F16") -> Path:
     """Write the merged model in ``merged_dir`` as a GGUF file (F32, F16 or Q8_0), atomically, one tensor at a time."""
-    import gguf
     import torch
     from safetensors import safe_open
     from transformers import AutoConfig, AutoTokenizer
@@ -310,9 +335,7 @@ def export_gguf(merged_dir: str | Path, out_path: str | Path, file_type: str = "
         raise ValueError(UNSUPPORTED.format(kind=config.model_type))
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
 
-    tmp = out_path.with_name(f".{out_path.name}.partial")
-    writer = gguf.GGUFWriter(tmp, arch="llama")
-    try:
+    with _atomic_gguf_writer(out_path) as writer:
         head_dim = _hyperparameters(writer, config, merged_dir.parent.name or "model", file_type)
         _tokenizer_metadata(writer, merged_dir, tokenizer, config.vocab_size)
         rope = getattr(config, "rope_parameters", None) or {}
@@ -343,12 +366,6 @@ def export_gguf(merged_dir: str | Path, out_path: str | Path, file_type: str = "
                     del array
         for array in extra.values():
             writer.write_tensor_data(array)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
-    writer.close()
-    tmp.replace(out_path)
     return out_path
 
 
@@ -426,9 +443,7 @@ def export_adapter_gguf(adapter_dir, out_path, base_dir, file_type: str = "F16")
         raise ValueError(UNSUPPORTED.format(kind=config.model_type))
     alpha = llama_cpp_alpha(lora_config)
     layers = sorted({name.split(".lora_A")[0] for name in names if ".lora_A" in name})
-    tmp = out_path.with_name(f".{out_path.name}.partial")
-    writer = gguf.GGUFWriter(tmp, arch="llama")
-    try:
+    with _atomic_gguf_writer(out_path) as writer:
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
@@ -442,22 +457,12 @@ def export_adapter_gguf(adapter_dir, out_path, base_dir, file_type: str = "F16")
                 fold = peft_scale(lora_config, hf_name) / (alpha / a.shape[0])  # 1 unless a pattern differs
                 if abs(fold - 1) > 1e-6:
                     b = b * fold
-                if hf_name.endswith("self_attn.q_proj"):
-                    b = permute_for_rope(b, config.num_attention_heads)
-                elif hf_name.endswith("self_attn.k_proj"):
-                    b = permute_for_rope(b, config.num_key_value_heads or config.num_attention_heads)
                 target = gguf_name(hf_name + ".weight")
                 writer.add_tensor(f"{target}.lora_a", a.astype(dtype))
-                writer.add_tensor(f"{target}.lora_b", b.astype(dtype))
+                writer.add_tensor(f"{target}.lora_b", _rope_layout(hf_name + ".weight", b, config).astype(dtype))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
-    writer.close()
-    tmp.replace(out_path)
     return out_path
 
 
