@@ -1,4 +1,4 @@
-"""Command line: ``python -m lora_helpers course|train|serve|plan|bench|links|images|tiny|presets`` (also ``lora-course``)."""
+"""Command line: ``python -m lora_helpers course|train|serve|plan|bench|sweep|links|images|tiny|presets`` (also ``lora-course``)."""
 
 from __future__ import annotations
 
@@ -96,6 +96,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--repeats", type=int, default=3, help="runs of baseline and course each, interleaved")
     bench.add_argument("--out", default="runs/bench", help="where bench.json and bench.md go")
+
+    sweep = commands.add_parser(
+        "sweep", help="every recipe on one loaded model, one JSON line per run (the GPU script, .ci/gpu-bench)"
+    )
+    sweep.add_argument(
+        "--model",
+        choices=["tiny", "mid", "smollm2-135m", "llama-2-7b", "llama-3.2-3b", "llama-3.1-8b"],
+        default="tiny",
+    )
+    sweep.add_argument("--preset", default=None, help="the settings (default: tiny, or the model's preset)")
+    sweep.add_argument("--shapes", default="mixed,short,full", help="data shapes in order; the first is repeated")
+    sweep.add_argument("--repeats", type=int, default=2, help="interleaved runs of the first shape's recipes")
+    sweep.add_argument("--examples", type=int, default=24, help="examples per epoch (two epochs, the second timed)")
+    sweep.add_argument("--max-length", type=int, default=None)
+    sweep.add_argument("--budget-s", type=float, default=480, help="skip runs that would end past this many seconds")
+    sweep.add_argument("--no-liger", action="store_true", help="skip Liger's variants on a CUDA GPU")
+    sweep.add_argument("--out", default="runs/sweep", help="where sweep.jsonl and sweep.md go")
 
     commands.add_parser("links", help="rewrite the notebooks' Colab cell and links from links.REPOSITORY")
 
@@ -199,6 +216,25 @@ def bench(args) -> int:
     return 0
 
 
+def sweep(args) -> int:
+    from lora_helpers import sweep as runs
+
+    lines = runs.sweep(
+        args.out,
+        args.model,
+        args.preset,
+        tuple(args.shapes.split(",")),
+        args.repeats,
+        args.examples,
+        args.max_length,
+        args.budget_s,
+        liger=False if args.no_liger else None,
+    )
+    print("wrote", lines, "and", lines.with_name("sweep.md"))
+    print(lines.with_name("sweep.md").read_text())
+    return 0
+
+
 def links(args) -> int:
     from lora_helpers import links as writer
 
@@ -236,6 +272,7 @@ COMMANDS = {
     "serve": serve,
     "plan": plan,
     "bench": bench,
+    "sweep": sweep,
     "links": links,
     "images": images,
     "tiny": tiny,

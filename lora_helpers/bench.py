@@ -172,12 +172,12 @@ def baseline_trainer(net, tokenizer, settings, train, output_dir, quiet: dict, c
 
     from lora_helpers import chat, training
 
-    tokenized = train.map(  # the same ids as the course's, every example padded to max_length
-        lambda ex: tokenizer.pad(
-            {"input_ids": chat.template_ids(tokenizer, ex["prompt"] + ex["completion"])[: settings.max_length]},
-            padding="max_length",
-            max_length=settings.max_length,
-        ),
+    def ids(ex):  # the same ids as the course's (or rows already tokenized, as the full-length ones)
+        ids = ex["input_ids"] if "input_ids" in ex else chat.template_ids(tokenizer, ex["prompt"] + ex["completion"])
+        return ids[: settings.max_length]
+
+    tokenized = train.map(  # every example padded to max_length
+        lambda ex: tokenizer.pad({"input_ids": ids(ex)}, padding="max_length", max_length=settings.max_length),
         remove_columns=train.column_names,
     )
     args = TrainingArguments(

@@ -371,7 +371,9 @@ def write_random_model(
         current.append(name)
         size += nbytes
     shards.append(current)
-    generator = torch.Generator().manual_seed(0)
+    # On a GPU the random numbers are drawn there (seconds instead of minutes for an 8B model's 8 billion)
+    where = "cuda" if torch.cuda.is_available() else "cpu"
+    generator = torch.Generator(where).manual_seed(0)
     weight_map = {}
     with files.atomic_dir(target) as tmp:
         for index, names in enumerate(shards, 1):
@@ -382,7 +384,9 @@ def write_random_model(
                     tensors[name] = torch.ones(shapes[name], dtype=torch.float16)
                 else:
                     std = config.initializer_range
-                    tensors[name] = torch.empty(shapes[name]).normal_(0, std, generator=generator).half()
+                    tensors[name] = (
+                        torch.empty(shapes[name], device=where).normal_(0, std, generator=generator).half().cpu()
+                    )
                 weight_map[name] = filename
             save_file(tensors, Path(tmp) / filename, metadata={"format": "pt"})
         total = sum(2 * shapes[name].numel() for name in weight_map)

@@ -363,15 +363,28 @@ def lora_model(
 ):
     """Notebook 04's model: the base (in NF4 when ``load_in_4bit``), prepared for k-bit training, with adapters.
 
-    Used by ``train_adapter``, the benchmark and ``sharding``; ``attn_implementation`` and ``quant_storage`` as in
-    ``models.load_model``. With a ``tokenizer`` that had to add a pad token, the embeddings grow to fit it
-    (``models.match_vocabulary``). For FSDP (a float ``quant_storage``, or ``accelerate launch`` with an FSDP
-    configuration) every weight stays in the storage dtype, as trl does for sharded QLoRA: FSDP gathers a block's
-    weights in one dtype, and ``prepare_model_for_kbit_training`` would upcast some of them to fp32.
+    Used by ``train_adapter``, the benchmark and ``sharding``; ``attn_implementation``, ``tokenizer`` and
+    ``quant_storage`` as in ``base_for_training``.
     """
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model
 
-    from lora_helpers import lora, models
+    model = base_for_training(settings, attn_implementation, tokenizer, quant_storage)
+    return get_peft_model(model, lora_config(settings, model), adapter_name=adapter_name)
+
+
+def base_for_training(settings, attn_implementation: str | None = "auto", tokenizer=None, quant_storage=None):
+    """Notebook 04's base model before its adapters: loaded (in NF4 when ``load_in_4bit``), prepared for k-bit
+    training. ``sweep`` loads it once and gives each variant fresh adapters.
+
+    ``attn_implementation`` and ``quant_storage`` as in ``models.load_model``. With a ``tokenizer`` that had to add
+    a pad token, the embeddings grow to fit it (``models.match_vocabulary``). For FSDP (a float ``quant_storage``,
+    or ``accelerate launch`` with an FSDP configuration) every weight stays in the storage dtype, as trl does for
+    sharded QLoRA: FSDP gathers a block's weights in one dtype, and ``prepare_model_for_kbit_training`` would
+    upcast some of them to fp32.
+    """
+    from peft import prepare_model_for_kbit_training
+
+    from lora_helpers import models
 
     model = models.load_model(
         settings.model_id,
@@ -388,7 +401,16 @@ def lora_model(
         embeddings_in_compute_dtype(model)
     elif settings.load_in_4bit and settings.gradient_checkpointing:  # trl's choice for sharded QLoRA too: no fp32
         model.enable_input_require_grads()  # upcast, which would break FSDP's one dtype per block
-    config = LoraConfig(
+    return model
+
+
+def lora_config(settings, model):
+    """Notebook 04's ``LoraConfig`` for this model (``target_modules`` resolved against its layers)."""
+    from peft import LoraConfig
+
+    from lora_helpers import lora
+
+    return LoraConfig(
         r=settings.lora_r,
         lora_alpha=settings.lora_alpha,
         lora_dropout=settings.lora_dropout,
@@ -396,7 +418,6 @@ def lora_model(
         bias="none",
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config, adapter_name=adapter_name)
 
 
 def train_adapter(
