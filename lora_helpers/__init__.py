@@ -10,7 +10,7 @@ tests/test_package.py), so any module can be read knowing only what is beneath i
     floor 3: models
     floor 4: adapters, merge, plan, serving, training
     floor 5: bench, course, launch, sharding
-    floor 6: links
+    floor 6: links, sweep
 
 Floor 0 holds facts and formats (chat templates, the machine, files, LoRA counts, plots of given numbers, this
 process's rank, the shipped configs); floor 1 the presets, the data and the measures; then the models the course builds,
@@ -40,6 +40,8 @@ __version__ = "0.1.0"
 # Import lora_helpers before peft and bitsandbytes for the second to take effect (the notebooks do).
 warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 warnings.filterwarnings("ignore", message=r"`gradient_checkpointing_enable` is deprecated", category=FutureWarning)
+# trl 1.16 deprecates use_liger_kernel for kernels from the Hub; notebook 04 says so where it teaches Liger
+warnings.filterwarnings("ignore", message=r"`use_liger_kernel=True` is deprecated", category=FutureWarning)
 
 
 class _DropMessage(logging.Filter):

@@ -232,8 +232,9 @@ def check_values(preset: str, params: dict):
         gguf_export.check_ollama_text(settings.system_prompt, "system_prompt")
     if settings.packing and params.get("trainer_route") == "trainer":
         raise ValueError(
-            "-p packing=True needs trainer_route='sft': packing is SFTTrainer's; the plain Trainer route pads every "
-            "example to max_length, as the Llama-2 about-me recipe does."
+            f"packing={settings.packing} (preset {settings.preset}) needs trainer_route='sft': packing is SFTTrainer's; "
+            "the plain Trainer route pads every example to max_length, as the Llama-2 about-me recipe does. Add "
+            "-p packing=False to take the Trainer route."
         )
     tolerance = params.get("merge_tolerance")
     if tolerance is not None and not (isinstance(tolerance, (int, float)) and tolerance > 0):

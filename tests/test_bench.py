@@ -1,12 +1,18 @@
 """The benchmark measures what the model is given; its speed ratios are measurements for the README, not assertions."""
 
 import json
+import math
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from lora_helpers import bench, plan, tiny
+from lora_helpers import bench, plan, sweep, tiny
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_benchmark_runs_every_recipe_and_writes_results(tmp_path, tiny_dir):
@@ -118,3 +124,69 @@ def test_median_run_takes_the_median_of_each_rate_and_reports_the_spread():
     assert all(summary[key] == 3.0 for key in bench.RATES)  # one busy run (10.0) does not move the median
     assert summary["spread_%"]["real_tokens_per_s"] == pytest.approx(100 * 9 / 3)
     assert summary["runs"] == 3 and summary["steps"] == 4
+
+
+def test_the_gpu_script_dry_runs_on_tiny_with_one_line_per_run(tmp_path, tiny_dir):
+    """``.ci/gpu-bench --dry-run``: the script a lent GPU runs, on tiny on the CPU: every recipe on every data shape,
+    each run with fresh adapters on the one loaded model, written line by line, and the table."""
+    env = {**os.environ, "PYTHON": sys.executable}
+    done = subprocess.run(
+        ["bash", ".ci/gpu-bench", "--dry-run", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    records = sweep.read_lines(tmp_path / "sweep.jsonl")
+    loaded = records[0]["loaded"]
+    assert loaded["model"] == "tiny" and loaded["planner"]["peak_gb"] > 0
+    runs = [r for r in records if "real_tokens_per_s" in r]
+    expected = {(shape, variant) for shape in ("mixed", "short") for variant in sweep.MAIN}
+    expected |= {("mixed", sweep.LARGER), ("full", "baseline"), ("full", "course")}
+    assert {(r["shape"], r["variant"]) for r in runs} == expected  # no Liger on a CPU, no error, nothing skipped
+    assert not [r for r in records if "error" in r or "skipped" in r]
+    for r in runs:
+        assert r["timed_steps"] >= 1 and r["operators_per_step"] > 100 and r["gpu_busy_ms_per_step"] is None
+        assert 0 < r["supervised_tokens"] <= r["real_tokens"] <= r["all_tokens"]
+        assert r["first_epoch_losses"] and all(math.isfinite(loss) for loss in r["first_epoch_losses"])
+    for shape in ("mixed", "short", "full"):  # every recipe's timed epoch holds the same examples
+        assert len({r["real_tokens"] for r in runs if r["shape"] == shape}) == 1
+    by = {(r["shape"], r["variant"], r["repeat"]): r for r in runs}
+    # the baseline pads to max_length and learns every token; the course pads to the batch, learns the answers
+    assert by["short", "baseline", 0]["all_tokens"] > by["short", "course", 0]["all_tokens"]
+    assert by["short", "baseline", 0]["supervised_tokens"] > by["short", "course", 0]["supervised_tokens"]
+    # packing: the same examples in fewer, fuller rows
+    assert by["short", "course + packing", 0]["timed_steps"] < by["short", "course", 0]["timed_steps"]
+    # a repeat gets fresh adapters from the same seed on an unchanged base: the same losses
+    for variant in sweep.MAIN:
+        first, second = by["mixed", variant, 0], by["mixed", variant, 1]
+        assert first["first_epoch_losses"] == pytest.approx(second["first_epoch_losses"], rel=1e-5)
+    assert "| mixed | course + packing | 2 |" in (tmp_path / "sweep.md").read_text()
+
+
+def test_sweep_table_reports_medians_ratios_and_what_was_not_measured():
+    def run(variant, rate, repeat=0):
+        return {
+            "shape": "mixed",
+            "variant": variant,
+            "repeat": repeat,
+            "real_tokens_per_s": rate,
+            "supervised_tokens_per_s": rate / 2,
+            "steps_per_s": 1.0,
+            "step_ms": {"median": 500.0, "p90": 600.0},
+            "gpu_busy_ms_per_step": 100.0,
+            "kernels_per_step": 12000.0,
+            "memory_mb": {"max_allocated": 6000.0, "max_reserved": 7000.0},
+        }
+
+    records = [
+        {"loaded": {"model": "llama-3.1-8b", "preset": "llama3.1-8b", "device": "NVIDIA H200", "dtype": "float16"}},
+        run("baseline", 100.0),
+        run("baseline", 300.0, 1),
+        run("baseline", 200.0, 2),
+        run("course + packing", 900.0),
+        {"shape": "full", "variant": "course", "repeat": 0, "skipped": "past the 470 s budget"},
+    ]
+    table = sweep.summarize(records)
+    assert table["mixed", "baseline"]["real_tokens_per_s"] == 200.0  # the median
+    assert table["mixed", "baseline"]["spread_%"] == pytest.approx(100.0)  # (300 - 100) / 200
+    assert table["mixed", "course + packing"]["real_tokens_ratio"] == pytest.approx(4.5)
+    text = sweep.markdown(records)
+    assert "| mixed | course + packing | 1 | 900 | 4.50× |" in text and "past the 470 s budget" in text

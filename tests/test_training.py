@@ -39,6 +39,7 @@ def test_notebook_04_and_sft_config_set_the_same_arguments_to_the_same_values(tm
             "run_dir": tmp_path,
             "eval_dataset": object() if has_eval else None,
             "early_stopping": has_eval,
+            "use_liger": False,
         }
         taught = {}
         for keyword in call.keywords:  # name=value, or **mapping (training.checkpointing)
@@ -429,3 +430,14 @@ def test_packed_training_learns_the_answers(tmp_path, tiny_dir):
     )
     assert evaluate.exact_match_rate(got, answers) >= 0.8
     assert sum(finished) / len(finished) >= 0.9
+
+
+def test_liger_route_says_why_it_does_not_run_here():
+    """Notebook 04's use_liger: Liger's Triton kernels need a CUDA GPU (tested there by .ci/gpu-bench's check)."""
+    assert training.liger_route(False) == (
+        False,
+        "kernels: PyTorch's (use_liger=True for Liger's Triton kernels on a CUDA GPU)",
+    )
+    if not torch.cuda.is_available():
+        used, why = training.liger_route(True)
+        assert not used and "need a CUDA GPU and there is none here" in why
