@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+# bench.MODELS, written out so that parsing the command line does not import torch (tests/test_bench.py checks)
+BENCH_MODELS = ["tiny", "mid", "smollm2-135m", "llama-2-7b", "llama-3.2-3b", "llama-3.1-8b"]
+
 
 def build_parser() -> argparse.ArgumentParser:
     """Every command and its options (``python -m lora_helpers COMMAND --help``)."""
@@ -82,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "--model",
-        choices=["tiny", "mid", "smollm2-135m", "llama-2-7b", "llama-3.2-3b", "llama-3.1-8b"],
+        choices=BENCH_MODELS,
         default="tiny",
         help="tiny, mid and the real smollm2-135m run on a CPU; the Llama ones are random-weight models with those "
         "exact shapes (GPU only)",
@@ -102,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sweep.add_argument(
         "--model",
-        choices=["tiny", "mid", "smollm2-135m", "llama-2-7b", "llama-3.2-3b", "llama-3.1-8b"],
+        choices=BENCH_MODELS,
         default="tiny",
     )
     sweep.add_argument("--preset", default=None, help="the settings (default: tiny, or the model's preset)")

@@ -107,6 +107,17 @@ def saved_for_backward_bytes(model, input_ids) -> int:
     return sum(kept.values())
 
 
+def batch_tokens(kwargs: dict) -> dict:
+    """The tokens of one batch as the model is given it (a forward pre-hook's ``kwargs``): all, real (not padding)
+    and supervised (a label other than -100)."""
+    ids, mask, labels = kwargs["input_ids"], kwargs.get("attention_mask"), kwargs.get("labels")
+    return {
+        "all": ids.numel(),
+        "real": int(mask.sum()) if mask is not None else ids.numel(),
+        "supervised": int((labels != -100).sum()) if labels is not None else 0,
+    }
+
+
 class _Meter:
     """Counts the tokens of every batch the model is given and times the steps after the warm-up.
 
@@ -138,14 +149,7 @@ class _Meter:
         self.callback = Callback()
 
     def hook(self, module, args, kwargs):
-        ids, mask, labels = kwargs["input_ids"], kwargs.get("attention_mask"), kwargs.get("labels")
-        self.batches.append(
-            {
-                "all": ids.numel(),
-                "real": int(mask.sum()) if mask is not None else ids.numel(),
-                "supervised": int((labels != -100).sum()) if labels is not None else 0,
-            }
-        )
+        self.batches.append(batch_tokens(kwargs))
 
     def totals(self) -> dict:
         timed = self.batches[self.first :]

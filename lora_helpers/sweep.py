@@ -17,8 +17,8 @@ Variants (notebook 04 teaches the course's recipe; ``bench`` describes the basel
 - ``course + packing``: several whole examples per row (notebook 04, "Packing");
 - ``course, larger batch``: the per-device batch times the gradient accumulation of the preset (the same
   examples per optimizer step, in one pass instead of several);
-- ``course + liger`` and ``course + packing + liger`` (CUDA only): Liger's Triton kernels (RMSNorm, RoPE, SwiGLU,
-  fused linear cross-entropy) through ``use_liger_kernel``. Liger patches the loaded model for good, so these run
+- ``course + liger`` and ``course + packing + liger`` (CUDA only): Liger's Triton kernels (RMSNorm, RoPE, SwiGLU;
+  TRL keeps its own fused output layer for the loss) through ``use_liger_kernel``. Liger patches the loaded model for good, so these run
   last, after a check that its loss and LoRA gradients match the plain model's on one batch.
 
 Data shapes: ``short`` (the about-me questions), ``mixed`` (the shipped Guanaco sample: lengths up to 512) and
@@ -72,15 +72,7 @@ class StepClock(TrainerCallback):
         return time.process_time()
 
     def hook(self, module, args, kwargs):
-        ids, mask, labels = kwargs["input_ids"], kwargs.get("attention_mask"), kwargs.get("labels")
-        self.batches.append(
-            {
-                "epoch": self.epoch,
-                "all": ids.numel(),
-                "real": int(mask.sum()) if mask is not None else ids.numel(),
-                "supervised": int((labels != -100).sum()) if labels is not None else 0,
-            }
-        )
+        self.batches.append({"epoch": self.epoch, **bench.batch_tokens(kwargs)})
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.memory["at_start_mb"] = _allocated_mb()
@@ -355,7 +347,7 @@ def sweep(
 
     import torch
 
-    from lora_helpers import models, plan, training
+    from lora_helpers import device, models, plan, training
 
     started = time.perf_counter()
     preset = preset or {**bench.SHAPED, **bench.REAL}.get(model, "tiny")
@@ -381,11 +373,8 @@ def sweep(
         "weights_allocated_mb": _allocated_mb(),
         **_device_line(),
     }
-    planned = plan.plan(
-        settings,
-        torch.finfo(base.dtype).bits // 8 if base.dtype.is_floating_point else 2,
-        gpu=torch.cuda.is_available(),
-    )
+    compute_bytes = torch.finfo(device.compute_dtype()).bits // 8  # as bench.run_variant sizes the plan
+    planned = plan.plan(settings, compute_bytes, gpu=torch.cuda.is_available())
     loaded["planner"] = {"peak_gb": planned["peak_gb"], "parts_gb": planned["parts_gb"]}
     write({"loaded": loaded})
 

@@ -190,3 +190,9 @@ def test_sweep_table_reports_medians_ratios_and_what_was_not_measured():
     assert table["mixed", "course + packing"]["real_tokens_ratio"] == pytest.approx(4.5)
     text = sweep.markdown(records)
     assert "| mixed | course + packing | 1 | 900 | 4.50× |" in text and "past the 470 s budget" in text
+
+
+def test_the_command_line_offers_the_benchmark_models():
+    from lora_helpers import __main__ as cli
+
+    assert cli.BENCH_MODELS == list(bench.MODELS)
