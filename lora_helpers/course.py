@@ -107,7 +107,13 @@ def next_command(preset: str, run_dir: Path, notebook: Path, params: dict, overw
 
 # What each notebook leaves in run_dir. The runner does not write over a selected notebook's results without
 # --overwrite, whether the notebook would succeed or fail (nor its executed copy, nor summary.json).
-RESULTS = {"04": files.FINISHED_RUN_MARKERS, "05": ("merged", "gguf"), "06": ("eval.json",), "07": ("multi-gpu",)}
+RESULTS = {
+    "04": files.FINISHED_RUN_MARKERS,
+    "05": ("merged", "gguf"),
+    "06": ("eval.json",),
+    "07": ("multi-gpu",),
+    "08": ("experiments.json",),
+}
 
 
 def refuse_finished_notebooks(run_dir: Path, notebooks: list[Path], overwrite: bool) -> None:

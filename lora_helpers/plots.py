@@ -122,6 +122,86 @@ def plot_learning_vs_forgetting(rows: dict[str, dict], path: str | Path | None =
     return fig
 
 
+def plot_experiment_losses(points: list[dict], path: str | Path | None = None):
+    """Notebook 08: the training loss of every point of the grid against its step, one line per setting."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    for point in points:
+        if point.get("loss_curve"):
+            steps, losses = zip(*point["loss_curve"])
+            ax.plot(steps, losses, marker=".", linewidth=1, label=point["name"])
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7, ncols=2)
+    ax.set_title("the same data and steps, one setting changed at a time", fontsize=9)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig
+
+
+def plot_experiment_tradeoffs(points: list[dict], path: str | Path | None = None):
+    """Notebook 08: exact match on the trained questions against retention of general knowledge (when the base
+    knew any), against trainable parameters, and against seconds; each point labelled with its setting."""
+    plt = pyplot()
+    panels = [("trainable_parameters", "trainable parameters", True), ("seconds", "seconds of training", False)]
+    if any(p.get("retention") is not None for p in points):
+        panels.insert(0, ("retention", "retention of general knowledge", False))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    for ax, (key, label, log) in zip(axes[0], panels):
+        for i, point in enumerate(points):
+            if point.get(key) is None:
+                continue
+            ax.scatter(point[key], point["exact_match_train"], color=f"C{i % 10}")
+            ax.annotate(
+                point["name"],
+                (point[key], point["exact_match_train"]),
+                fontsize=7,
+                textcoords="offset points",
+                xytext=(3, 3),
+            )
+        ax.set_xlabel(label)
+        ax.set_ylabel("exact match, trained questions")
+        ax.set_ylim(-0.05, 1.1)
+        if log:
+            ax.set_xscale("log")
+    axes[0][0].set_title("learned against kept: up and right is better" if len(panels) == 3 else "", fontsize=9)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig
+
+
+def plot_harness_scores(table: dict[str, dict[str, float]], path: str | Path | None = None):
+    """Notebook 06: lm-evaluation-harness scores per model (``harness.scores``): the multiple-choice accuracies side
+    by side (the dashed line is chance, one in four), and the general text's word perplexity (lower is better)."""
+    plt = pyplot()
+    names = list(table)
+    tasks = [task for task in table[names[0]] if task != "course_general_text"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.2), gridspec_kw={"width_ratios": [3, 1]})
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        values = [table[name][task] for task in tasks]
+        bars = left.bar([t + (i - (len(names) - 1) / 2) * width for t in range(len(tasks))], values, width, label=name)
+        left.bar_label(bars, labels=[f"{v:.0%}" for v in values], fontsize=7)
+    left.axhline(0.25, color="grey", linestyle="--", linewidth=0.8)
+    left.set_xticks(range(len(tasks)), [task.removeprefix("course_").replace("_", " ") for task in tasks], fontsize=8)
+    left.set_ylim(0, 1.25)
+    left.set_ylabel("accuracy")
+    left.legend(loc="upper center", ncols=len(names), fontsize=8)
+    left.set_title("multiple choice: does the model prefer the right answer?", fontsize=9)
+    perplexity = [table[name].get("course_general_text", float("nan")) for name in names]
+    bars = right.bar(range(len(names)), perplexity, color=[f"C{i}" for i in range(len(names))])
+    right.bar_label(bars, labels=[f"{v:.1f}" for v in perplexity], fontsize=8)
+    right.set_xticks(range(len(names)), names, fontsize=7, rotation=15)
+    right.set_title("general text: word perplexity", fontsize=9)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig
+
+
 def loss_tokens_html(pieces: list[str], in_loss: list[bool], most: int = 300):
     """The tokens of one example, green where they count in the loss, grey where they do not.
 

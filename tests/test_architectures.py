@@ -114,8 +114,11 @@ def test_a_gpt_neox_model_runs_the_whole_course(tmp_path):
     tokenizer.save_pretrained(model_dir)
 
     run_dir = tmp_path / "run"
-    summary = course.run_course(
-        "tiny", run_dir, params={"model_id": str(model_dir), "num_train_epochs": 30, "learning_rate": 3e-3}
+    summary = course.run_course(  # notebook 08 and the harness are the tiny run's (test_course_run.py): CI's time
+        "tiny",
+        run_dir,
+        only=["01", "02", "03", "04", "05", "06", "07"],
+        params={"model_id": str(model_dir), "num_train_epochs": 30, "learning_rate": 3e-3, "run_lm_eval": False},
     )
     assert summary["status"] == "ok" and len(summary["notebooks"]) == 7  # 07 trains it with two processes too
     adapter = AutoTokenizer.from_pretrained(run_dir / "adapter")

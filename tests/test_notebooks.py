@@ -17,6 +17,7 @@ EXPECTED = [
     "05_merge",
     "06_inference",
     "07_multi_gpu",
+    "08_experiments",
 ]
 # Every parameter a test or the README passes with -p, by notebook.
 PASSED = {
@@ -33,12 +34,13 @@ PASSED = {
         "target_modules",
     },
     "05_merge": {"run_dir", "merge_tolerance"},
-    "06_inference": {"run_dir"},
+    "06_inference": {"run_dir", "run_lm_eval"},
     "07_multi_gpu": {"preset", "run_dir"},
+    "08_experiments": {"run_dir", "epochs_per_point", "use_replay", "general_questions"},
 }
 
 
-def test_the_seven_lessons_are_there():
+def test_the_eight_lessons_are_there():
     assert [nb.stem for nb in NOTEBOOKS] == EXPECTED
 
 

@@ -14,13 +14,19 @@ from lora_helpers import course
 
 pytestmark = pytest.mark.course
 
+GRID_FOR_CI = {"epochs_per_point": 3, "use_replay": False, "general_questions": 60}
+
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, fresh_cache):
     run_dir = tmp_path_factory.mktemp("course_run-smollm2")
     # CI's budget: the second adapter of notebook 06 (about 4 minutes here) is trained in the tiny runs instead.
+    # Notebook 08's grid sized for CI: short runs (3 epochs) without replay, retention on the first 60 questions.
     summary = course.run_course(
-        "smollm2-135m", run_dir, only=["01", "02", "03", "04", "05", "06"], params={"second_adapter_dataset": ""}
+        "smollm2-135m",
+        run_dir,
+        only=["01", "02", "03", "04", "05", "06", "08"],
+        params={"second_adapter_dataset": "", **GRID_FOR_CI},
     )
     # Notebook 07 shows how two processes train together, not what they learn: one short epoch is enough here.
     multi = course.run_course("smollm2-135m", run_dir, only=["07"], params={"num_train_epochs": 1, "max_examples": 16})
@@ -30,7 +36,8 @@ def run(tmp_path_factory, fresh_cache):
 def test_every_notebook_ran(run):
     _, summary, multi = run
     assert summary["status"] == "ok" and multi["status"] == "ok"
-    assert [nb["name"][:2] for nb in summary["notebooks"] + multi["notebooks"]] == [f"0{i}" for i in range(1, 8)]
+    ran = [nb["name"][:2] for nb in summary["notebooks"] + multi["notebooks"]]
+    assert ran == ["01", "02", "03", "04", "05", "06", "08", "07"]
 
 
 def test_it_learned_the_persona_and_kept_what_it_knew(run):
@@ -40,13 +47,13 @@ def test_it_learned_the_persona_and_kept_what_it_knew(run):
     assert result["fine_tuned"] >= 0.8 and result["merged"] >= 0.8
     assert result["fine_tuned_stops"] >= 0.9  # it ends its answers with <|im_end|>
     known = result["general_knowledge"]
-    assert known["base"]["correct"] >= 20  # a real model: it knows things before training
-    # Measured on 2 cores: 23 of the base's 28 right answers kept (0.82), 36 of 52 right in all (the base: 28).
-    # The issue asked for 0.9; the README says where the recipe stands.
-    assert known["fine-tuned"]["retention"] >= 0.75 and known["merged"]["retention"] >= 0.75
+    assert known["base"]["correct"] >= 80  # a real model: it knows things before training (measured: 102 of 178)
+    # Measured on 2 cores with the preset (r=8, dropout 0.1): 87 of the base's 102 right answers kept (0.85), and
+    # 113 of 178 right in all (the base: 102). The issue asked for 0.9; the README says where the recipe stands.
+    assert known["fine-tuned"]["retention"] >= 0.8 and known["merged"]["retention"] >= 0.8  # measured 0.85
     assert known["fine-tuned"]["correct"] >= known["base"]["correct"] - 2
     forgetting = known["fine-tuned"]["text_loss"] - known["base"]["text_loss"]
-    assert 0 < forgetting < 1.2, forgetting  # measured 0.61: replay keeps answers, not the loss on prose
+    assert 0 < forgetting < 1.2, forgetting  # measured 0.55: replay keeps answers, not the loss on prose
 
 
 def test_the_merge_changed_nothing(run):
@@ -127,3 +134,37 @@ def test_every_runtime_keeps_the_answers(run):
         assert table[name]["exact match"] == trained["exact match"] >= 0.75, name
         assert table[name]["max |Δ logit| vs trained"] < 0.25, name  # F16 rounding: measured 1e-4, 0.082, 0.067
     assert table["merged GGUF Q4_K_M (llama.cpp)"]["exact match"] >= 0.5
+
+
+def test_the_harness_scored_what_was_learned_and_kept(run):
+    """Notebook 06's lm-evaluation-harness table on the real model: the adapter (through the harness's peft=) and
+    the merged model prefer the trained answers; general knowledge and the general text stay near the base's."""
+    run_dir, _, _ = run
+    table = json.loads((run_dir / "lm_eval.json").read_text())
+    base, tuned, merged = table["base"], table["base + adapter"], table["merged"]
+    assert base["course_persona_trained"] <= 0.6 and tuned["course_persona_trained"] >= 0.9
+    for task in tuned:
+        assert merged[task] == pytest.approx(tuned[task], rel=0.02), task  # merged = base + adapter
+    assert tuned["course_general_knowledge"] >= base["course_general_knowledge"] - 0.1
+    # measured: word perplexity 13.7 before, 25.4 after (the loss on prose rises, as notebook 06's table shows)
+    assert base["course_general_text"] < tuned["course_general_text"] < 3 * base["course_general_text"]
+
+
+def test_the_grid_measured_every_point_on_real_weights(run):
+    """Notebook 08 on SmolLM2: the same steps for every point, retention and forgetting measured against a base
+    that knows things, PiSSA run (a 16-bit base), and the points differ in what they cost."""
+    from lora_helpers import experiments
+
+    run_dir, _, _ = run
+    result = json.loads((run_dir / "experiments.json").read_text())
+    points = {p["name"]: p for p in result["points"]}
+    assert list(points) == [p["name"] for p in experiments.GRIDS["ci"]] and result["base_knows"] >= 20
+    assert len({p["steps"] for p in points.values()}) == 1
+    for name, point in points.items():
+        assert "skipped" not in point and 0 <= point["retention"] <= 1, name
+        assert point["loss_curve"][-1][1] < point["loss_curve"][0][1], name
+    # Measured (3 epochs): final loss 2.13 for the preset, 2.78 with q,v only (fewer layers learn less in the same
+    # steps), 1.50 with rsLoRA (alpha / sqrt(r) is a larger step at r=8 than alpha / r).
+    final = {name: point["final_loss"] for name, point in points.items()}
+    assert final["rsLoRA"] < final["preset"] < final["q,v only"]
+    assert points["r=4"]["trainable_parameters"] * 2 == points["preset"]["trainable_parameters"]  # the preset: r=8

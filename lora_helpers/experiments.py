@@ -1,0 +1,211 @@
+"""Which settings work: a grid of short runs on one loaded base, each scored on learning and on forgetting.
+
+Taught in notebook 08. A fair comparison changes one thing at a time: the same data, seed, number of steps and
+tokens, the same measures. The base model is loaded once; each point of the grid gets fresh adapters
+(``get_peft_model``), trains, is measured, and is taken off again (``unload``), so twenty points cost twenty
+trainings, not twenty loads. Initialisations that rewrite the base weights (PiSSA, OLoRA keep the base minus what
+the adapter starts with) are undone from a copy of the weights afterwards.
+
+Each point records its settings, trainable parameters, seconds, its loss curve and final losses, exact match on
+the trained and held-out questions, the share of answers that stop, retention of the base's right general answers
+and forgetting (the general-text loss after minus before): ``run_dir/experiments.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import tempfile
+import time
+
+from lora_helpers import evaluate, retention, training
+
+# What each LoRA variant sets in peft's LoraConfig (the grid's "lora" entries).
+VARIANTS = {
+    "rsLoRA": {"use_rslora": True},  # scale alpha / sqrt(r) instead of alpha / r: larger ranks keep learning
+    "DoRA": {"use_dora": True},  # a learned magnitude per output, the direction by LoRA
+    "PiSSA": {"init_lora_weights": "pissa_niter_4"},  # A, B from the weight's top singular vectors (fast SVD)
+    "OLoRA": {"init_lora_weights": "olora"},  # A, B from a QR decomposition of the weight
+}
+
+# The grid a CI run can afford on 2 CPU cores (short runs), and the full one a learner runs on a GPU.
+# Each point: a name, Settings fields to change, and "lora": LoraConfig options beyond the Settings.
+GRIDS = {
+    "ci": [
+        {"name": "preset"},
+        {"name": "r=4", "lora_r": 4, "lora_alpha": 8},
+        {"name": "q,v only", "target_modules": "q_proj,v_proj"},
+        {"name": "rsLoRA", "lora": VARIANTS["rsLoRA"]},
+        {"name": "DoRA", "lora": VARIANTS["DoRA"]},
+        {"name": "PiSSA", "lora": VARIANTS["PiSSA"]},
+    ],
+    "full": [
+        {"name": "preset"},
+        *({"name": f"r={r}", "lora_r": r, "lora_alpha": 2 * r} for r in (2, 4, 8, 32, 64)),
+        {"name": "q,v only", "target_modules": "q_proj,v_proj"},
+        {"name": "attention", "target_modules": "q_proj,k_proj,v_proj,o_proj"},
+        {"name": "MLP only", "target_modules": "gate_proj,up_proj,down_proj"},
+        {"name": "r=64, alpha=16", "lora_r": 64, "lora_alpha": 16},
+        {"name": "r=64, alpha=16, rsLoRA", "lora_r": 64, "lora_alpha": 16, "lora": VARIANTS["rsLoRA"]},
+        {"name": "rsLoRA", "lora": VARIANTS["rsLoRA"]},
+        {"name": "DoRA", "lora": VARIANTS["DoRA"]},
+        {"name": "PiSSA", "lora": VARIANTS["PiSSA"]},
+        {"name": "OLoRA", "lora": VARIANTS["OLoRA"]},
+        *({"name": f"lr={lr:g}", "learning_rate": lr} for lr in (1e-4, 3e-4, 3e-3, 1e-2)),
+        {"name": "dropout 0.1", "lora_dropout": 0.1},
+        {"name": "loss on the whole text", "completion_only_loss": False},
+    ],
+}
+
+
+REWRITES_4BIT = (
+    "skipped: PiSSA and OLoRA compute the adapter from the full-precision weights and rewrite them; on a 4-bit base "
+    "peft asks to initialise on a 16-bit copy and quantize what is left. Compare them on a 16-bit run "
+    "(load_in_4bit=False in notebook 04)."
+)
+
+
+def _changes(point: dict) -> dict:
+    return {key: value for key, value in point.items() if key != "name"}
+
+
+def point_settings(settings, point: dict):
+    """The run's settings with the point's changes (its Settings fields; ``name`` and ``lora`` are not)."""
+    changes = {key: value for key, value in point.items() if key not in ("name", "lora")}
+    return dataclasses.replace(settings, **changes)
+
+
+def point_lora_config(settings, point: dict, model):
+    """Notebook 04's ``LoraConfig`` for the point's settings, with its LoRA variant's options."""
+    config = training.lora_config(point_settings(settings, point), model)
+    for key, value in point.get("lora", {}).items():
+        setattr(config, key, value)
+    return config
+
+
+def trainable_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def measure(model, tokenizer, settings, split: dict, known: list[int] | None = None) -> dict:
+    """Exact match on the trained and held-out questions, the share of trained answers that stop, the general
+    questions (only those numbered in ``known``: the ones the base got right) and the general-text loss."""
+    from lora_helpers import data
+
+    model.eval()
+    scores = {}
+    for part in ("train", "eval"):
+        questions, answers, systems = data.split_columns(split.get(part) or [], settings.system_prompt)
+        if not questions:
+            scores[f"exact_match_{part}"] = None
+            continue
+        said, stopped = evaluate.generate_answers(
+            model, tokenizer, questions, systems, max_new_tokens=settings.max_new_tokens, return_finished=True
+        )
+        scores[f"exact_match_{part}"] = evaluate.exact_match_rate(said, answers)
+        if part == "train":
+            scores["stops"] = sum(stopped) / len(stopped)
+    items = retention.general_knowledge()
+    asked = [items[i] for i in (known if known is not None else range(len(items)))]
+    said = evaluate.generate_answers(
+        model, tokenizer, [item["question"] for item in asked], settings.system_prompt, 32, retention.GENERAL_BATCH
+    )
+    scores["general_correct"] = retention.correct(said, asked)
+    scores["text_loss"] = retention.text_loss(model, tokenizer)
+    return scores
+
+
+def run_point(base, tokenizer, settings, point: dict, train, evaluation, split: dict, known: list[int]) -> dict:
+    """Fresh adapters on ``base`` with the point's settings, trained, measured and taken off again."""
+    import torch
+    from peft import get_peft_model
+    from transformers import set_seed
+    from trl import SFTTrainer
+
+    run_settings = point_settings(settings, point)
+    rewrites_base = isinstance(point.get("lora", {}).get("init_lora_weights"), str)
+    if rewrites_base and getattr(base, "is_loaded_in_4bit", False):
+        return {"name": point["name"], "settings": _changes(point), "skipped": REWRITES_4BIT}
+    saved = {k: v.detach().clone() for k, v in base.state_dict().items()} if rewrites_base else None
+    patched_forward = base.__dict__.get("forward")  # trl wraps the instance's forward (its fused LM head)
+    set_seed(run_settings.seed)
+    net = get_peft_model(base, point_lora_config(settings, point, base))
+    scratch = tempfile.mkdtemp(prefix="lora-experiment-")
+    try:
+        training.adapter_weights_to_float32(net)
+        trainer = SFTTrainer(
+            model=net,
+            args=training.sft_config(run_settings, scratch, evaluation is not None, save_strategy="no"),
+            train_dataset=train,
+            eval_dataset=evaluation,
+            processing_class=tokenizer,
+            callbacks=[training.StopOnNonFinite()],
+        )
+        training.use_progress_lines(trainer, training.progress_lines(lines=2))
+        started = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - started
+        history = trainer.state.log_history
+        losses = [(e["step"], e["loss"]) for e in history if "loss" in e]
+        evals = [(e["step"], e["eval_loss"]) for e in history if "eval_loss" in e]
+        scores = measure(net, tokenizer, run_settings, split, known)
+        config = net.peft_config["default"]
+        return {
+            "name": point["name"],
+            "settings": _changes(point),
+            "r": config.r,
+            "lora_alpha": config.lora_alpha,
+            "target_modules": sorted(config.target_modules),
+            "trainable_parameters": trainable_parameters(net),
+            "seconds": seconds,
+            "steps": trainer.state.global_step,
+            "loss_curve": losses,
+            "eval_loss_curve": evals,
+            "final_loss": losses[-1][1] if losses else None,
+            "final_eval_loss": evals[-1][1] if evals else None,
+            **scores,
+        }
+    finally:
+        net.unload()  # the base without adapters, for the next point
+        del net
+        if patched_forward is None:
+            base.__dict__.pop("forward", None)
+        else:
+            base.forward = patched_forward
+        if saved is not None:
+            base.load_state_dict(saved)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def summarize(point: dict, base: dict) -> dict:
+    """The point's retention (of the base's right general answers; None when the base knew none) and forgetting
+    (the general-text loss after minus before). A skipped point stays as it is."""
+    if "skipped" in point:
+        return point
+    correct = point["general_correct"]
+    return {
+        **point,
+        "retention": sum(correct) / len(correct) if correct else None,
+        "forgetting": point["text_loss"] - base["text_loss"],
+    }
+
+
+def table_rows(points: list[dict]) -> list[dict]:
+    """One short row per point for a table: what a learner compares."""
+    return [
+        {
+            "setting": p["name"],
+            "trainable": p["trainable_parameters"],
+            "seconds": round(p["seconds"], 1),
+            "final loss": p["final_loss"],
+            "exact match": p["exact_match_train"],
+            "held out": p["exact_match_eval"],
+            "stops": p["stops"],
+            "retention": p["retention"],
+            "forgetting": p["forgetting"],
+        }
+        for p in points
+        if "skipped" not in p
+    ]

@@ -1,0 +1,69 @@
+"""Notebook 08's grid: each LoRA variant really changes what peft builds, and a point trains, measures and leaves
+the base as it found it."""
+
+import pytest
+import torch
+from peft import get_peft_model
+
+from lora_helpers import experiments, models, presets, training
+
+ALL_POINTS = {point["name"]: point for grid in experiments.GRIDS.values() for point in grid}
+
+
+@pytest.fixture()
+def base16(tiny_dir):
+    return models.load_model("tiny", load_in_4bit=False)  # PiSSA and OLoRA need a 16-bit (or fp32) base
+
+
+def build(base, point):
+    settings = presets.get_preset("tiny")
+    return get_peft_model(base, experiments.point_lora_config(settings, point, base))
+
+
+def first_lora_layer(net):
+    return net.base_model.model.model.layers[0].self_attn.v_proj
+
+
+def test_each_variant_changes_what_peft_builds(tiny_dir):
+    fresh = lambda: models.load_model("tiny", load_in_4bit=False)  # noqa: E731 (PiSSA and OLoRA rewrite the base)
+    original = fresh().model.layers[0].self_attn.v_proj.weight.detach().clone()
+    plain = build(fresh(), ALL_POINTS["preset"])
+    layer = first_lora_layer(plain)
+    assert layer.scaling["default"] == 32 / 16 and not layer.use_dora["default"]
+    assert torch.count_nonzero(layer.lora_B["default"].weight) == 0  # default init: B = 0, the model unchanged
+
+    assert first_lora_layer(build(fresh(), ALL_POINTS["rsLoRA"])).scaling["default"] == pytest.approx(32 / 16**0.5)
+    dora = build(fresh(), ALL_POINTS["DoRA"])
+    assert first_lora_layer(dora).use_dora["default"]
+    assert any("lora_magnitude_vector" in name for name, _ in dora.named_parameters())
+    for name in ("PiSSA", "OLoRA"):
+        layer = first_lora_layer(build(fresh(), ALL_POINTS[name]))
+        assert torch.count_nonzero(layer.lora_B["default"].weight) > 0, name  # B starts from the weight, not 0
+        assert not torch.equal(layer.base_layer.weight, original), name  # the base keeps the residual
+
+    assert first_lora_layer(build(fresh(), ALL_POINTS["r=4"])).lora_A["default"].weight.shape[0] == 4
+    qv = build(fresh(), ALL_POINTS["q,v only"])
+    assert sorted(qv.peft_config["default"].target_modules) == ["q_proj", "v_proj"]
+    assert experiments.trainable_parameters(qv) < experiments.trainable_parameters(plain)
+
+
+def test_a_point_trains_measures_and_restores_the_base(base16, tiny_dir):
+    settings = presets.resolve_settings("tiny", load_in_4bit=False, num_train_epochs=4, replay="")
+    tokenizer = models.load_tokenizer("tiny", chat_format=settings.chat_format)
+    prepared = training.prepare_datasets(settings, tokenizer)
+    before = {k: v.clone() for k, v in base16.state_dict().items()}
+    result = experiments.run_point(
+        base16, tokenizer, settings, ALL_POINTS["PiSSA"], prepared.train, prepared.eval, prepared.split, [0, 1]
+    )
+    assert result["steps"] == 4 * 6 and result["trainable_parameters"] > 0 and result["seconds"] > 0
+    assert result["loss_curve"][-1][1] < result["loss_curve"][0][1]
+    assert 0 <= result["exact_match_train"] <= 1 and len(result["general_correct"]) == 2
+    after = base16.state_dict()
+    assert not hasattr(base16, "peft_config") and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_rewriting_initialisations_are_skipped_on_a_4bit_base(tiny_model_4bit):
+    result = experiments.run_point(
+        tiny_model_4bit, None, presets.get_preset("tiny"), ALL_POINTS["PiSSA"], None, None, {}, []
+    )
+    assert result["skipped"].startswith("skipped: PiSSA and OLoRA")
