@@ -176,26 +176,33 @@ def _without_display(bar):
 @contextlib.contextmanager
 def _quiet():
     """The harness's progress bars (one per request type) and notices left out of an executed page: every frame
-    of a bar stays there. Its results are what the notebook prints."""
+    of a bar stays there. Its results are what the notebook prints. transformers' notice that the general text is
+    longer than a tiny model's context is left out too: the harness scores it in windows of the model's length."""
     import datasets
+    import transformers
     from lm_eval.api import model, task
     from lm_eval.models import huggingface
 
     modules = (huggingface, model, task)
     bars = [module.tqdm for module in modules]
     logger = logging.getLogger("lm_eval")
-    level = logger.level
+    level, verbosity = logger.level, transformers.logging.get_verbosity()
+    datasets_bars = datasets.is_progress_bar_enabled()
     for module, bar in zip(modules, bars):
         module.tqdm = _without_display(bar)
     logger.setLevel(logging.ERROR)
-    datasets.disable_progress_bars()
+    transformers.logging.set_verbosity_error()
+    if datasets_bars:
+        datasets.disable_progress_bars()
     try:
         yield
     finally:
         for module, bar in zip(modules, bars):
             module.tqdm = bar
         logger.setLevel(level)
-        datasets.enable_progress_bars()
+        transformers.logging.set_verbosity(verbosity)
+        if datasets_bars:
+            datasets.enable_progress_bars()
 
 
 def scores(results: dict) -> dict:
@@ -205,6 +212,19 @@ def scores(results: dict) -> dict:
         key = "acc,none" if "acc,none" in metrics else "word_perplexity,none"
         out[task] = float(metrics[key])
     return out
+
+
+def readable(table: dict[str, dict[str, float]]) -> dict[str, dict[str, str]]:
+    """``{model: {task: score}}`` as a table to read: accuracies in percent, perplexity with one decimal."""
+    return {
+        model: {
+            task.removeprefix("course_").replace("_", " "): f"{score:,.1f}"
+            if task == "course_general_text"
+            else f"{score:.0%}"
+            for task, score in scores.items()
+        }
+        for model, scores in table.items()
+    }
 
 
 def command_line(model_args: dict, folder: str | Path, system_prompt: str = "") -> str:
