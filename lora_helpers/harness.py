@@ -68,16 +68,20 @@ def multiple_choice(pairs: list[tuple[str, str]], seed: int = 0) -> list[dict]:
     return rows
 
 
-def _multiple_choice_yaml(task: str, data_file: Path) -> str:
+def _task_yaml(task: str, data_file: Path, body: str) -> str:
+    """A task reading ``data_file`` (JSON lines) as its test split; ``body``: its output type, fields, metrics."""
     return f"""task: {task}
 dataset_path: json
 dataset_kwargs:
   data_files:
     test: {json.dumps(str(data_file))}
 test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
+{body}"""
+
+
+MULTIPLE_CHOICE = """output_type: multiple_choice
+doc_to_text: "{{question}}"
+doc_to_choice: "{{choices}}"
 doc_to_target: label
 metric_list:
   - metric: acc
@@ -85,17 +89,9 @@ metric_list:
     higher_is_better: true
 """
 
-
-def _perplexity_yaml(task: str, data_file: Path) -> str:
-    return f"""task: {task}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {json.dumps(str(data_file))}
-test_split: test
-output_type: loglikelihood_rolling
+PERPLEXITY = """output_type: loglikelihood_rolling
 doc_to_text: ""
-doc_to_target: "{{{{text}}}}"
+doc_to_target: "{{text}}"
 metric_list:
   - metric: word_perplexity
     aggregation: weighted_perplexity
@@ -125,10 +121,10 @@ def write_tasks(folder: str | Path, trained: list, held_out: list, seed: int = 0
     for task, rows in sets.items():
         if rows:
             (folder / f"{task}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-            (folder / f"{task}.yaml").write_text(_multiple_choice_yaml(task, folder / f"{task}.jsonl"))
+            (folder / f"{task}.yaml").write_text(_task_yaml(task, folder / f"{task}.jsonl", MULTIPLE_CHOICE))
     text = folder / "course_general_text.jsonl"
     text.write_text(json.dumps({"text": retention.general_text()}) + "\n")
-    (folder / "course_general_text.yaml").write_text(_perplexity_yaml("course_general_text", text))
+    (folder / "course_general_text.yaml").write_text(_task_yaml("course_general_text", text, PERPLEXITY))
     return folder
 
 
