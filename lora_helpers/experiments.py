@@ -14,7 +14,6 @@ and forgetting (the general-text loss after minus before): ``run_dir/experiments
 from __future__ import annotations
 
 import dataclasses
-import gc
 import tempfile
 import time
 
@@ -75,6 +74,16 @@ def point_settings(settings, point: dict):
     return dataclasses.replace(settings, **changes)
 
 
+def grid_points(grid: str, settings) -> list[dict]:
+    """The grid's points for this run: a point that would change nothing here (``r=8`` when the run already
+    trains at rank 8) is left out, since it would only repeat the preset."""
+    return [
+        point
+        for point in GRIDS[grid]
+        if point["name"] == "preset" or point.get("lora") or point_settings(settings, point) != settings
+    ]
+
+
 def point_lora_config(settings, point: dict, model):
     """Notebook 04's ``LoraConfig`` for the point's settings, with its LoRA variant's options."""
     config = training.lora_config(point_settings(settings, point), model)
@@ -116,26 +125,24 @@ def measure(model, tokenizer, settings, split: dict, known: list[int] | None = N
 
 
 def run_point(base, tokenizer, settings, point: dict, train, evaluation, split: dict, known: list[int]) -> dict:
-    """Fresh adapters on ``base`` with the point's settings, trained, measured and taken off again."""
-    import torch
-    from peft import get_peft_model
-    from transformers import set_seed
+    """Fresh adapters on ``base`` with the point's settings, trained, measured and taken off again.
+
+    A point whose training stops on a non-finite loss (``StopOnNonFinite``: a learning rate too high, say) is
+    kept as skipped, with the reason, and the grid goes on."""
     from trl import SFTTrainer
 
     run_settings = point_settings(settings, point)
     rewrites_base = isinstance(point.get("lora", {}).get("init_lora_weights"), str)
     if rewrites_base and getattr(base, "is_loaded_in_4bit", False):
         return {"name": point["name"], "settings": _changes(point), "skipped": REWRITES_4BIT}
-    saved = {k: v.detach().clone() for k, v in base.state_dict().items()} if rewrites_base else None
-    patched_forward = base.__dict__.get("forward")  # trl wraps the instance's forward (its fused LM head)
-    set_seed(run_settings.seed)
-    net = get_peft_model(base, point_lora_config(settings, point, base))
-    scratch = tempfile.mkdtemp(prefix="lora-experiment-")
-    try:
+    config = point_lora_config(settings, point, base)
+    with training.fresh_adapters(base, config, run_settings.seed, restore_base=rewrites_base) as net:
         training.adapter_weights_to_float32(net)
         trainer = SFTTrainer(
             model=net,
-            args=training.sft_config(run_settings, scratch, evaluation is not None, save_strategy="no"),
+            args=training.sft_config(
+                run_settings, tempfile.mkdtemp(prefix="lora-experiment-"), evaluation is not None, save_strategy="no"
+            ),
             train_dataset=train,
             eval_dataset=evaluation,
             processing_class=tokenizer,
@@ -143,19 +150,22 @@ def run_point(base, tokenizer, settings, point: dict, train, evaluation, split: 
         )
         training.use_progress_lines(trainer, training.progress_lines(lines=2))
         started = time.perf_counter()
-        trainer.train()
+        try:
+            trainer.train()
+        except FloatingPointError as error:
+            return {"name": point["name"], "settings": _changes(point), "skipped": f"stopped: {error}"}
         seconds = time.perf_counter() - started
         history = trainer.state.log_history
         losses = [(e["step"], e["loss"]) for e in history if "loss" in e]
         evals = [(e["step"], e["eval_loss"]) for e in history if "eval_loss" in e]
         scores = measure(net, tokenizer, run_settings, split, known)
-        config = net.peft_config["default"]
+        built = net.peft_config["default"]  # as peft built it ("all-linear" resolved to the layers' names)
         return {
             "name": point["name"],
             "settings": _changes(point),
-            "r": config.r,
-            "lora_alpha": config.lora_alpha,
-            "target_modules": sorted(config.target_modules),
+            "r": built.r,
+            "lora_alpha": built.lora_alpha,
+            "target_modules": sorted(built.target_modules),
             "trainable_parameters": trainable_parameters(net),
             "seconds": seconds,
             "steps": trainer.state.global_step,
@@ -165,18 +175,6 @@ def run_point(base, tokenizer, settings, point: dict, train, evaluation, split: 
             "final_eval_loss": evals[-1][1] if evals else None,
             **scores,
         }
-    finally:
-        net.unload()  # the base without adapters, for the next point
-        del net
-        if patched_forward is None:
-            base.__dict__.pop("forward", None)
-        else:
-            base.forward = patched_forward
-        if saved is not None:
-            base.load_state_dict(saved)
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
 
 
 def summarize(point: dict, base: dict) -> dict:

@@ -215,8 +215,6 @@ def run_once(variant: str, base, tokenizer, settings, train) -> dict:
     import dataclasses
 
     import torch
-    from peft import get_peft_model
-    from transformers import set_seed
 
     from lora_helpers import training
 
@@ -227,32 +225,22 @@ def run_once(variant: str, base, tokenizer, settings, train) -> dict:
         gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    set_seed(0)
-    patched_forward = base.__dict__.get("forward")  # trl wraps the instance's forward (its fused LM head)
-    net = get_peft_model(base, training.lora_config(settings, base))
     clock = StepClock()
-    handle = net.register_forward_pre_hook(clock.hook, with_kwargs=True)
-    scratch = tempfile.mkdtemp(prefix="lora-sweep-")
-    try:
-        trainer = _trainer(variant, net, tokenizer, settings, train, scratch, clock)
-        trainer.train()
-        result = {
-            "variant": variant,
-            "batch_size": settings.per_device_train_batch_size,
-            "max_length": settings.max_length,
-            "examples": len(train),
-            **clock.measurements(),
-            "memory_mb": {**clock.memory, **_peaks()},
-        }
-    finally:
-        handle.remove()
-        net.unload()  # the base model without adapters, for the next run
-        del net
-        if patched_forward is None:
-            base.__dict__.pop("forward", None)
-        else:
-            base.forward = patched_forward
-        gc.collect()
+    with training.fresh_adapters(base, training.lora_config(settings, base), seed=0) as net:
+        handle = net.register_forward_pre_hook(clock.hook, with_kwargs=True)
+        try:
+            trainer = _trainer(variant, net, tokenizer, settings, train, tempfile.mkdtemp(prefix="lora-sweep-"), clock)
+            trainer.train()
+            result = {
+                "variant": variant,
+                "batch_size": settings.per_device_train_batch_size,
+                "max_length": settings.max_length,
+                "examples": len(train),
+                **clock.measurements(),
+                "memory_mb": {**clock.memory, **_peaks()},
+            }
+        finally:
+            handle.remove()
     return result
 
 

@@ -186,18 +186,50 @@ class StopOnNonFinite(TrainerCallback):
 
     Needs ``logging_nan_inf_filter=False`` in the config: by default the trainer logs a NaN step as the average
     of the others, which hides it. Notebook 04 adds this callback to every run.
+
+    In fp16 (a T4) an inf or NaN gradient norm alone is not a failure: the gradient scaler multiplies the loss by
+    2**16 to keep small gradients from vanishing, and when that overflows it skips the step and halves the scale.
+    This happens in the first steps of many runs (measured on SmolLM2 under the T4 rehearsal: PiSSA and OLoRA at
+    step 1, rsLoRA at step 10). It is said once and tolerated; training stops when the loss itself is not finite,
+    or when ``fp16_skips`` logged steps in a row had no finite gradient (the scale can no longer help).
     """
 
+    def __init__(self, fp16_skips: int = 8):
+        self.fp16_skips = fp16_skips
+        self.skipped_in_a_row = 0
+        self.said = False
+
+    def _stop(self, args, state, key, value):
+        raise FloatingPointError(
+            f"Training stopped at step {state.global_step}: {key} is {value}. Usual causes: a learning "
+            f"rate too high (now {args.learning_rate:g}: try a tenth), fp16 overflow (on Ampere or newer "
+            "use bf16), or examples with no answer tokens. The last checkpoint is in "
+            f"{args.output_dir}; nothing after it is kept."
+        )
+
     def on_log(self, args, state, control, logs=None, **kwargs):
-        for key in ("loss", "grad_norm", "eval_loss"):
-            value = (logs or {}).get(key)
+        logs = logs or {}
+        for key in ("loss", "eval_loss"):
+            value = logs.get(key)
             if value is not None and not math.isfinite(value):
-                raise FloatingPointError(
-                    f"Training stopped at step {state.global_step}: {key} is {value}. Usual causes: a learning "
-                    f"rate too high (now {args.learning_rate:g}: try a tenth), fp16 overflow (on Ampere or newer "
-                    "use bf16), or examples with no answer tokens. The last checkpoint is in "
-                    f"{args.output_dir}; nothing after it is kept."
-                )
+                self._stop(args, state, key, value)
+        norm = logs.get("grad_norm")
+        if norm is None:
+            return
+        if math.isfinite(norm):
+            self.skipped_in_a_row = 0
+            return
+        if not args.fp16:
+            self._stop(args, state, "grad_norm", norm)
+        self.skipped_in_a_row += 1
+        if self.skipped_in_a_row >= self.fp16_skips:
+            self._stop(args, state, f"grad_norm ({self.skipped_in_a_row} logged steps in a row)", norm)
+        if not self.said:
+            self.said = True
+            print(
+                f"step {state.global_step}: fp16 gradients overflowed (grad_norm {norm}); the gradient scaler "
+                "skipped that step and lowered its scale. Normal in the first steps on a T4."
+            )
 
 
 @contextlib.contextmanager
@@ -437,6 +469,41 @@ def base_for_training(settings, attn_implementation: str | None = "auto", tokeni
     return model
 
 
+@contextlib.contextmanager
+def fresh_adapters(base, config, seed: int = 0, restore_base: bool = False):
+    """Fresh LoRA adapters (``get_peft_model``, seeded) on an already loaded base, for one run; afterwards they
+    are taken off (``unload``) and the base is as it was.
+
+    Notebook 08's grid and the benchmark (``sweep``) train many adapters on one base, since a load costs more
+    than a short run. trl wraps the instance's ``forward`` (its fused LM head): it is put back. PiSSA and OLoRA
+    rewrite the base weights (the base minus what the adapter starts with): ``restore_base`` copies them first.
+    """
+    import gc
+
+    import torch
+    from peft import get_peft_model
+    from transformers import set_seed
+
+    saved = {key: value.detach().clone() for key, value in base.state_dict().items()} if restore_base else None
+    patched_forward = base.__dict__.get("forward")
+    set_seed(seed)
+    net = get_peft_model(base, config)
+    try:
+        yield net
+    finally:
+        net.unload()
+        del net
+        if patched_forward is None:
+            base.__dict__.pop("forward", None)
+        else:
+            base.forward = patched_forward
+        if saved is not None:
+            base.load_state_dict(saved)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
 def lora_config(settings, model):
     """Notebook 04's ``LoraConfig`` for this model (``target_modules`` resolved against its layers)."""
     from peft import LoraConfig
@@ -561,8 +628,14 @@ def progress_lines(lines: int = 10) -> TrainerCallback:
 def use_progress_lines(trainer, callback: TrainerCallback | None = None) -> None:
     """Replace the trainer's progress bar or live table (it picks one of three) with ``progress_lines()``."""
     from transformers import PrinterCallback, ProgressCallback
-    from transformers.utils.notebook import NotebookProgressCallback
 
-    for bar in (PrinterCallback, ProgressCallback, NotebookProgressCallback):
+    bars = [PrinterCallback, ProgressCallback]
+    try:  # the live table exists only where IPython is installed (a notebook, not a plain script)
+        from transformers.utils.notebook import NotebookProgressCallback
+
+        bars.append(NotebookProgressCallback)
+    except ImportError:
+        pass
+    for bar in bars:
         trainer.remove_callback(bar)
     trainer.add_callback(callback or progress_lines())

@@ -67,3 +67,28 @@ def test_rewriting_initialisations_are_skipped_on_a_4bit_base(tiny_model_4bit):
         tiny_model_4bit, None, presets.get_preset("tiny"), ALL_POINTS["PiSSA"], None, None, {}, []
     )
     assert result["skipped"].startswith("skipped: PiSSA and OLoRA")
+
+
+def test_a_point_that_diverges_is_kept_as_stopped_and_the_grid_goes_on(base16, tiny_dir):
+    settings = presets.resolve_settings("tiny", load_in_4bit=False, num_train_epochs=2, replay="")
+    tokenizer = models.load_tokenizer("tiny", chat_format=settings.chat_format)
+    prepared = training.prepare_datasets(settings, tokenizer)
+    before = {k: v.clone() for k, v in base16.state_dict().items()}
+    point = {"name": "lr=1e9", "learning_rate": 1e9}
+    result = experiments.run_point(base16, tokenizer, settings, point, prepared.train, None, prepared.split, [0])
+    assert result["skipped"].startswith("stopped: Training stopped at step") and result["settings"] == {
+        "learning_rate": 1e9
+    }
+    after = base16.state_dict()
+    assert not hasattr(base16, "peft_config") and all(torch.equal(before[k], after[k]) for k in before)
+    assert experiments.table_rows([result]) == []  # the table and plots leave it out
+
+
+def test_a_grid_leaves_out_points_that_change_nothing_in_this_run():
+    smollm2 = presets.get_preset("smollm2-135m")  # r=8, dropout 0.1: "r=8" and "dropout 0.1" would repeat it
+    left_out = {p["name"] for p in experiments.GRIDS["full"]} - {
+        p["name"] for p in experiments.grid_points("full", smollm2)
+    }
+    assert left_out == {"r=8", "dropout 0.1"}
+    for preset in ("tiny", "smollm2-135m"):
+        assert experiments.grid_points("ci", presets.get_preset(preset)) == experiments.GRIDS["ci"]
