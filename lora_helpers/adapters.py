@@ -149,11 +149,12 @@ def check_made_from(folder, adapter_dir) -> None:
 
 def remove_made_from_previous(run_dir) -> list[str]:
     """After notebook 04 saved a new adapter: remove what the previous one made (merged model, GGUF files, the
-    second adapter trained with the previous settings, the evaluation); return their names."""
+    second adapter trained with the previous settings, the evaluation and its lm-evaluation-harness scores); return
+    their names."""
     import shutil
 
     removed = []
-    for name in ("merged", "gguf", "merge_check.json", "adapter_captain", "eval.json"):
+    for name in ("merged", "gguf", "merge_check.json", "adapter_captain", "eval.json", "lm_eval.json", "lm_eval.png"):
         path = Path(run_dir) / name
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)

@@ -133,14 +133,22 @@ def written_tasks(folder: str | Path) -> list[str]:
     return [task for task in TASKS if (Path(folder) / f"{task}.yaml").exists()]
 
 
-def run(model_args: dict, folder: str | Path, system_prompt: str = "", batch_size: int = 32, device: str | None = None):
+def run(
+    model_args: dict,
+    folder: str | Path,
+    system_prompt: str = "",
+    batch_size: int = 32,
+    device: str | None = None,
+    limit: int | None = None,
+):
     """``lm_eval.simple_evaluate`` of one model on the course tasks in ``folder``; returns the harness's results.
 
     ``model_args`` are those of the harness's ``hf`` model: ``{"pretrained": folder}`` for a model,
     ``{"pretrained": base, "peft": adapter}`` for base + adapter (the harness loads the adapter with peft),
     ``tokenizer`` and ``dtype`` as for ``from_pretrained``; ``device`` defaults to the GPU when there is one.
     Prompts go through the model's chat template with ``system_prompt`` as the system turn ("" keeps the
-    template's default), as the course asks its questions.
+    template's default), as the course asks its questions. ``limit`` scores only the first questions of each task
+    (the harness's ``--limit``: a quick look, not a score to report).
     """
     lm_eval = require_lm_eval()
     import torch
@@ -159,6 +167,7 @@ def run(model_args: dict, folder: str | Path, system_prompt: str = "", batch_siz
             log_samples=False,
             bootstrap_iters=0,  # no bootstrapped standard errors: the course compares models, not leaderboard entries
             random_seed=0,
+            limit=limit,
         )
 
 
@@ -223,13 +232,14 @@ def readable(table: dict[str, dict[str, float]]) -> dict[str, dict[str, str]]:
     }
 
 
-def command_line(model_args: dict, folder: str | Path, system_prompt: str = "") -> str:
+def command_line(model_args: dict, folder: str | Path, system_prompt: str = "", limit: int | None = None) -> str:
     """The ``lm_eval`` command that runs the same evaluation from a shell."""
     args = ",".join(f"{key}={value}" for key, value in model_args.items())
     line = (
         f"lm_eval --model hf --model_args {args} --include_path {folder} --tasks {','.join(written_tasks(folder))} "
         "--apply_chat_template --batch_size 32"
     )
+    line += f" --limit {limit}" if limit else ""
     return line + (f" --system_instruction {json.dumps(system_prompt)}" if system_prompt else "")
 
 

@@ -110,7 +110,13 @@ def replay_examples(model, tokenizer, settings) -> list[dict]:
         pairs = json.loads(cache.read_text())
     else:
         answers, finished = evaluate.generate_answers(
-            model, tokenizer, prompts, settings.system_prompt, max_new_tokens=REPLAY_TOKENS, return_finished=True
+            model,
+            tokenizer,
+            prompts,
+            settings.system_prompt,
+            max_new_tokens=REPLAY_TOKENS,
+            batch_size=GENERAL_BATCH,
+            return_finished=True,
         )
         right = correct(answers, [{"accept": row.get("accept", "")} for row in rows])  # no pattern: any answer
         pairs = [(q, a) for q, a, done, ok in zip(prompts, answers, finished, right) if done and ok]

@@ -10,6 +10,7 @@ import re
 import nbformat
 import pytest
 import torch
+from conftest import FAKE_TOKEN
 from safetensors.torch import load_file
 from transformers import AutoConfig
 
@@ -18,16 +19,12 @@ from lora_helpers import chat, course, evaluate, models
 pytestmark = pytest.mark.course
 
 
-FAKE_TOKEN = "hf_FakeTokenForLeakTest0123456789abcdef"
-
-
 # Options that change nothing on a CPU but must reach the notebooks, spread over the families' runs: the Unsloth
 # route must fall back to the standard one, and the T4 rehearsal must reach every notebook.
 # Notebook 08 (a grid of trainings) runs on `tiny` here and on the real model in test_real_model.py; the twins stop
-# at 07, as it adds nothing their tokenizers could break.
+# at 07, as it adds nothing their tokenizers could break. The tiny run is conftest's, shared with test_reliability.py.
 SEVEN = ["01", "02", "03", "04", "05", "06", "07"]
 OPTIONS = {
-    "tiny": {"params": {"epochs_per_point": 10}},
     "tiny-llama2": {"params": {"use_unsloth": True}, "only": SEVEN},
     "tiny-llama3": {"rehearse_t4": True, "only": SEVEN, "params": {"run_lm_eval": False}},
 }
@@ -36,6 +33,8 @@ OPTIONS = {
 @pytest.fixture(scope="module", params=["tiny", "tiny-llama2", "tiny-llama3"])
 def run(request, tmp_path_factory):
     """One full course run per family, with a (fake) Hub token in the environment as a learner on Colab would have."""
+    if request.param == "tiny":
+        return request.getfixturevalue("tiny_course_run")
     run_dir = tmp_path_factory.mktemp(f"course_run-{request.param}")
     saved = os.environ.get("HF_TOKEN")
     os.environ["HF_TOKEN"] = FAKE_TOKEN

@@ -26,11 +26,11 @@ pytestmark = pytest.mark.course
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    """One finished run of the tiny course, never modified by the tests (they work on copies)."""
-    run_dir = tmp_path_factory.mktemp("finished") / "run"
-    seven = ["01", "02", "03", "04", "05", "06", "07"]  # notebook 08 and the harness: test_course_run.py's runs
-    assert course.run_course("tiny", run_dir, only=seven, params={"run_lm_eval": False})["status"] == "ok"
+def finished(tiny_course_run):
+    """One finished run of the tiny course (conftest's, all eight notebooks), never modified by the tests (they
+    work on copies)."""
+    run_dir, summary = tiny_course_run
+    assert summary["status"] == "ok"
     return run_dir
 
 
@@ -184,9 +184,11 @@ def test_retraining_removes_what_the_previous_adapter_made_and_06_refuses_a_stal
     assert summary["status"] == "ok"
     executed = (run_dir / "notebooks" / "04_sft_training.ipynb").read_text()
     assert (
-        "removed what the previous adapter made: merged, gguf, merge_check.json, adapter_captain, eval.json" in executed
+        "removed what the previous adapter made: merged, gguf, merge_check.json, adapter_captain, eval.json, "
+        "lm_eval.json, lm_eval.png" in executed
     )
-    assert not any((run_dir / name).exists() for name in ("merged", "gguf", "adapter_captain", "eval.json"))
+    gone = ("merged", "gguf", "adapter_captain", "eval.json", "lm_eval.json", "lm_eval.png")
+    assert not any((run_dir / name).exists() for name in gone)
     shutil.copytree(stale_merge, run_dir / "merged")  # as if notebook 04 had left it
     with pytest.raises(
         course.NotebookFailed, match=r"merged was made from another adapter \(fingerprint [0-9a-f]{16}\)"
