@@ -53,8 +53,13 @@ GRIDS = {
         *({"name": f"lr={lr:g}", "learning_rate": lr} for lr in (1e-4, 3e-4, 3e-3, 1e-2)),
         {"name": "dropout 0.1", "lora_dropout": 0.1},
         {"name": "loss on the whole text", "completion_only_loss": False},
+        # The Llama-2 about-me recipe's route (notebook 04's trainer_route="trainer"), then the same with its
+        # pad_token = eos_token: the collator masks every pad token in the labels, so every EOS too.
+        {"name": "Trainer route", "route": "trainer"},
+        {"name": "Trainer route, pad = eos", "route": "trainer", "pad_is_eos": True},
     ],
 }
+NOT_SETTINGS = ("name", "lora", "route", "pad_is_eos")  # what a point sets beyond the Settings fields
 
 
 REWRITES_4BIT = (
@@ -69,8 +74,8 @@ def _changes(point: dict) -> dict:
 
 
 def point_settings(settings, point: dict):
-    """The run's settings with the point's changes (its Settings fields; ``name`` and ``lora`` are not)."""
-    changes = {key: value for key, value in point.items() if key not in ("name", "lora")}
+    """The run's settings with the point's changes (its Settings fields: not those in ``NOT_SETTINGS``)."""
+    changes = {key: value for key, value in point.items() if key not in NOT_SETTINGS}
     return dataclasses.replace(settings, **changes)
 
 
@@ -80,7 +85,10 @@ def grid_points(grid: str, settings) -> list[dict]:
     return [
         point
         for point in GRIDS[grid]
-        if point["name"] == "preset" or point.get("lora") or point_settings(settings, point) != settings
+        if point["name"] == "preset"
+        or point.get("lora")
+        or "route" in point
+        or point_settings(settings, point) != settings
     ]
 
 
@@ -138,16 +146,20 @@ def run_point(base, tokenizer, settings, point: dict, train, evaluation, split: 
     config = point_lora_config(settings, point, base)
     with training.fresh_adapters(base, config, run_settings.seed, restore_base=rewrites_base) as net:
         training.adapter_weights_to_float32(net)
-        trainer = SFTTrainer(
-            model=net,
-            args=training.sft_config(
-                run_settings, tempfile.mkdtemp(prefix="lora-experiment-"), evaluation is not None, save_strategy="no"
-            ),
-            train_dataset=train,
-            eval_dataset=evaluation,
-            processing_class=tokenizer,
-            callbacks=[training.StopOnNonFinite()],
+        args = training.sft_config(
+            run_settings, tempfile.mkdtemp(prefix="lora-experiment-"), evaluation is not None, save_strategy="no"
         )
+        if point.get("route") == "trainer":
+            trainer = lm_collator_trainer(net, tokenizer, args, train, evaluation, point.get("pad_is_eos", False))
+        else:
+            trainer = SFTTrainer(
+                model=net,
+                args=args,
+                train_dataset=train,
+                eval_dataset=evaluation,
+                processing_class=tokenizer,
+                callbacks=[training.StopOnNonFinite()],
+            )
         training.use_progress_lines(trainer, training.progress_lines(lines=2))
         started = time.perf_counter()
         try:
@@ -175,6 +187,38 @@ def run_point(base, tokenizer, settings, point: dict, train, evaluation, split: 
             "final_eval_loss": evals[-1][1] if evals else None,
             **scores,
         }
+
+
+def lm_collator_trainer(model, tokenizer, args, train, evaluation, pad_is_eos: bool):
+    """Notebook 04's other route: the plain ``Trainer`` on the whole text, with ``DataCollatorForLanguageModeling``
+    (labels = input_ids, pad tokens masked), and the same arguments as the SFT route (an ``SFTConfig`` is a
+    ``TrainingArguments``). With ``pad_is_eos`` the tokenizer pads with its EOS, as most tutorials set it."""
+    import copy
+
+    from transformers import DataCollatorForLanguageModeling, Trainer
+
+    from lora_helpers import chat
+
+    if pad_is_eos:
+        tokenizer = copy.deepcopy(tokenizer)  # the mistake stays in this point's training
+        tokenizer.pad_token = tokenizer.eos_token
+
+    def rows(examples):
+        def ids(example):
+            return {
+                "input_ids": chat.template_ids(tokenizer, example["prompt"] + example["completion"])[: args.max_length]
+            }
+
+        return examples.map(ids, remove_columns=examples.column_names)
+
+    return Trainer(
+        model=model,
+        args=args,
+        train_dataset=rows(train),
+        eval_dataset=rows(evaluation) if evaluation is not None else None,
+        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+        callbacks=[training.StopOnNonFinite()],
+    )
 
 
 def summarize(point: dict, base: dict) -> dict:

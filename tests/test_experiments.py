@@ -92,3 +92,23 @@ def test_a_grid_leaves_out_points_that_change_nothing_in_this_run():
     assert left_out == {"r=8", "dropout 0.1"}
     for preset in ("tiny", "smollm2-135m"):
         assert experiments.grid_points("ci", presets.get_preset(preset)) == experiments.GRIDS["ci"]
+
+
+def test_pad_is_eos_masks_every_eos_in_the_labels_the_course_pad_none(tiny_dir, tmp_path):
+    """The full grid's "Trainer route, pad = eos" point: the language-modelling collator masks pad tokens in the
+    labels, so with pad_token = eos_token no EOS is ever trained (the model is never taught to stop)."""
+    settings = presets.resolve_settings("tiny", load_in_4bit=False, replay="")
+    tokenizer = models.load_tokenizer("tiny", chat_format=settings.chat_format)
+    train = training.prepare_datasets(settings, tokenizer).train.select(range(4))
+    model = models.load_model("tiny", load_in_4bit=False)
+    args = training.sft_config(settings, tmp_path, False, save_strategy="no")
+    trained_eos = {}
+    for pad_is_eos in (False, True):
+        trainer = experiments.lm_collator_trainer(model, tokenizer, args, train, None, pad_is_eos)
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+        real = batch["attention_mask"] == 1
+        eos = (batch["input_ids"] == tokenizer.eos_token_id) & real
+        assert eos.sum() >= 4  # each example ends its answer with EOS
+        trained_eos[pad_is_eos] = int((batch["labels"][eos] != -100).sum()) / int(eos.sum())
+    assert trained_eos == {False: 1.0, True: 0.0}
+    assert tokenizer.pad_token != tokenizer.eos_token  # the mistake stayed in its point
