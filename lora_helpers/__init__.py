@@ -42,6 +42,9 @@ warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is depre
 warnings.filterwarnings("ignore", message=r"`gradient_checkpointing_enable` is deprecated", category=FutureWarning)
 # trl 1.16 deprecates use_liger_kernel for kernels from the Hub; notebook 04 says so where it teaches Liger
 warnings.filterwarnings("ignore", message=r"`use_liger_kernel=True` is deprecated", category=FutureWarning)
+# peft suggests low_cpu_mem_usage=True for EVA (a larger batch in its data pass); notebook 08's EVA point uses the
+# training batches as they are
+warnings.filterwarnings("ignore", message=r"lora with eva initialization used with low_cpu_mem_usage=False")
 
 
 class _DropMessage(logging.Filter):

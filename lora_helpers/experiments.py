@@ -25,6 +25,7 @@ VARIANTS = {
     "DoRA": {"use_dora": True},  # a learned magnitude per output, the direction by LoRA
     "PiSSA": {"init_lora_weights": "pissa_niter_4"},  # A, B from the weight's top singular vectors (fast SVD)
     "OLoRA": {"init_lora_weights": "olora"},  # A, B from a QR decomposition of the weight
+    "EVA": {"init_lora_weights": "eva"},  # A from the top directions of each layer's inputs on the training data
 }
 
 # The grid a CI run can afford on 2 CPU cores (short runs), and the full one a learner runs on a GPU.
@@ -50,6 +51,7 @@ GRIDS = {
         {"name": "DoRA", "lora": VARIANTS["DoRA"]},
         {"name": "PiSSA", "lora": VARIANTS["PiSSA"]},
         {"name": "OLoRA", "lora": VARIANTS["OLoRA"]},
+        {"name": "EVA", "lora": VARIANTS["EVA"]},
         *({"name": f"lr={lr:g}", "learning_rate": lr} for lr in (1e-4, 3e-4, 3e-3, 1e-2)),
         {"name": "dropout 0.1", "lora_dropout": 0.1},
         {"name": "loss on the whole text", "completion_only_loss": False},
@@ -97,6 +99,10 @@ def point_lora_config(settings, point: dict, model):
     config = training.lora_config(point_settings(settings, point), model)
     for key, value in point.get("lora", {}).items():
         setattr(config, key, value)
+    if config.init_lora_weights == "eva" and config.eva_config is None:
+        from peft import EvaConfig
+
+        config.eva_config = EvaConfig()  # peft's defaults: ranks may move between layers (rho=2)
     return config
 
 
@@ -140,7 +146,8 @@ def run_point(base, tokenizer, settings, point: dict, train, evaluation, split: 
     from trl import SFTTrainer
 
     run_settings = point_settings(settings, point)
-    rewrites_base = isinstance(point.get("lora", {}).get("init_lora_weights"), str)
+    init = point.get("lora", {}).get("init_lora_weights")
+    rewrites_base = init in ("olora",) or str(init).startswith("pissa")
     if rewrites_base and getattr(base, "is_loaded_in_4bit", False):
         return {"name": point["name"], "settings": _changes(point), "skipped": REWRITES_4BIT}
     config = point_lora_config(settings, point, base)
@@ -162,6 +169,11 @@ def run_point(base, tokenizer, settings, point: dict, train, evaluation, split: 
             )
         training.use_progress_lines(trainer, training.progress_lines(lines=2))
         started = time.perf_counter()
+        if init == "eva":  # A from the inputs each layer sees on this point's own training batches (timed too)
+            from peft import initialize_lora_eva_weights
+
+            initialize_lora_eva_weights(net, trainer.get_train_dataloader(), show_progress_bar=False)
+            training.adapter_weights_to_float32(net)
         try:
             trainer.train()
         except FloatingPointError as error:

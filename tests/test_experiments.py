@@ -112,3 +112,20 @@ def test_pad_is_eos_masks_every_eos_in_the_labels_the_course_pad_none(tiny_dir, 
         trained_eos[pad_is_eos] = int((batch["labels"][eos] != -100).sum()) / int(eos.sum())
     assert trained_eos == {False: 1.0, True: 0.0}
     assert tokenizer.pad_token != tokenizer.eos_token  # the mistake stayed in its point
+
+
+def test_eva_initialises_from_the_training_batches_and_moves_ranks(base16, tiny_dir):
+    """EVA (full grid): A from the top directions of each layer's inputs on the point's own training batches; with
+    peft's default rho=2 the ranks move between layers, so the adapter differs in size from the preset's."""
+    settings = presets.resolve_settings("tiny", load_in_4bit=False, num_train_epochs=2, replay="")
+    tokenizer = models.load_tokenizer("tiny", chat_format=settings.chat_format)
+    prepared = training.prepare_datasets(settings, tokenizer)
+    before = {k: v.clone() for k, v in base16.state_dict().items()}
+    points = {p["name"]: p for p in experiments.GRIDS["full"]}
+    args = (base16, tokenizer, settings)
+    rest = (prepared.train, None, {"train": prepared.split["train"][:4]}, [0])  # few questions asked: faster
+    plain, eva = (experiments.run_point(*args, points[name], *rest) for name in ("preset", "EVA"))
+    assert "skipped" not in eva and eva["loss_curve"][-1][1] < eva["loss_curve"][0][1]
+    assert eva["trainable_parameters"] != plain["trainable_parameters"]  # measured on tiny: 66,688 against 65,536
+    after = base16.state_dict()
+    assert not hasattr(base16, "peft_config") and all(torch.equal(before[k], after[k]) for k in before)
