@@ -35,19 +35,23 @@ FAKE_TOKEN = "hf_FakeTokenForLeakTest0123456789abcdef"
 def tiny_course_run(tmp_path_factory, fresh_cache):
     """The whole course on `tiny`, run once per session with a (fake) Hub token in the environment, as a learner on
     Colab would have one: test_course_run.py checks it, test_reliability.py works on copies of it."""
+    run_dir = tmp_path_factory.mktemp("course_run-tiny") / "run"
+    return run_dir, run_course_with_fake_token("tiny", run_dir, params={"epochs_per_point": 10})
+
+
+def run_course_with_fake_token(preset: str, run_dir, **options) -> dict:
+    """``course.run_course`` with a (fake) Hub token in the environment, as a learner on Colab has one."""
     from lora_helpers import course
 
-    run_dir = tmp_path_factory.mktemp("course_run-tiny") / "run"
     saved = os.environ.get("HF_TOKEN")
     os.environ["HF_TOKEN"] = FAKE_TOKEN
     try:
-        summary = course.run_course("tiny", run_dir, params={"epochs_per_point": 10})
+        return course.run_course(preset, run_dir, **options)
     finally:
         if saved is None:
             os.environ.pop("HF_TOKEN")
         else:
             os.environ["HF_TOKEN"] = saved
-    return run_dir, summary
 
 
 @pytest.fixture(scope="session")

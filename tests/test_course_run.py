@@ -4,13 +4,12 @@ tied embeddings), with the same assertions for each family."""
 
 import json
 import math
-import os
 import re
 
 import nbformat
 import pytest
 import torch
-from conftest import FAKE_TOKEN
+from conftest import FAKE_TOKEN, run_course_with_fake_token
 from safetensors.torch import load_file
 from transformers import AutoConfig
 
@@ -36,16 +35,7 @@ def run(request, tmp_path_factory):
     if request.param == "tiny":
         return request.getfixturevalue("tiny_course_run")
     run_dir = tmp_path_factory.mktemp(f"course_run-{request.param}")
-    saved = os.environ.get("HF_TOKEN")
-    os.environ["HF_TOKEN"] = FAKE_TOKEN
-    try:
-        summary = course.run_course(request.param, run_dir, **OPTIONS[request.param])
-    finally:
-        if saved is None:
-            os.environ.pop("HF_TOKEN")
-        else:
-            os.environ["HF_TOKEN"] = saved
-    return run_dir, summary
+    return run_dir, run_course_with_fake_token(request.param, run_dir, **OPTIONS[request.param])
 
 
 def test_every_notebook_ran(run):
