@@ -17,7 +17,7 @@ import dataclasses
 import tempfile
 import time
 
-from lora_helpers import evaluate, retention, training
+from lora_helpers import evaluate, lora, retention, training
 
 # What each LoRA variant sets in peft's LoraConfig (the grid's "lora" entries).
 VARIANTS = {
@@ -52,6 +52,7 @@ GRIDS = {
         {"name": "PiSSA", "lora": VARIANTS["PiSSA"]},
         {"name": "OLoRA", "lora": VARIANTS["OLoRA"]},
         {"name": "EVA", "lora": VARIANTS["EVA"]},
+        {"name": "LoftQ", "loftq": True},  # on a 4-bit base: the adapter starts as the 4-bit rounding error
         *({"name": f"lr={lr:g}", "learning_rate": lr} for lr in (1e-4, 3e-4, 3e-3, 1e-2)),
         {"name": "dropout 0.1", "lora_dropout": 0.1},
         {"name": "loss on the whole text", "completion_only_loss": False},
@@ -61,13 +62,17 @@ GRIDS = {
         {"name": "Trainer route, pad = eos", "route": "trainer", "pad_is_eos": True},
     ],
 }
-NOT_SETTINGS = ("name", "lora", "route", "pad_is_eos")  # what a point sets beyond the Settings fields
+NOT_SETTINGS = ("name", "lora", "route", "pad_is_eos", "loftq")  # what a point sets beyond the Settings fields
 
 
 REWRITES_4BIT = (
     "skipped: PiSSA and OLoRA compute the adapter from the full-precision weights and rewrite them; on a 4-bit base "
     "peft asks to initialise on a 16-bit copy and quantize what is left. Compare them on a 16-bit run "
     "(load_in_4bit=False in notebook 04)."
+)
+LOFTQ_16BIT = (
+    "skipped: LoftQ starts the adapter from what 4-bit rounding took from each weight; on a 16-bit base nothing "
+    "was rounded. Compare it on a 4-bit run (load_in_4bit=True in notebook 04)."
 )
 
 
@@ -90,6 +95,7 @@ def grid_points(grid: str, settings) -> list[dict]:
         if point["name"] == "preset"
         or point.get("lora")
         or "route" in point
+        or "loftq" in point
         or point_settings(settings, point) != settings
     ]
 
@@ -150,6 +156,8 @@ def run_point(base, tokenizer, settings, point: dict, train, evaluation, split: 
     rewrites_base = init in ("olora",) or str(init).startswith("pissa")
     if rewrites_base and getattr(base, "is_loaded_in_4bit", False):
         return {"name": point["name"], "settings": _changes(point), "skipped": REWRITES_4BIT}
+    if point.get("loftq") and not getattr(base, "is_loaded_in_4bit", False):
+        return {"name": point["name"], "settings": _changes(point), "skipped": LOFTQ_16BIT}
     config = point_lora_config(settings, point, base)
     with training.fresh_adapters(base, config, run_settings.seed, restore_base=rewrites_base) as net:
         training.adapter_weights_to_float32(net)
@@ -169,6 +177,7 @@ def run_point(base, tokenizer, settings, point: dict, train, evaluation, split: 
             )
         training.use_progress_lines(trainer, training.progress_lines(lines=2))
         started = time.perf_counter()
+        loftq = lora.loftq_initialise(net) if point.get("loftq") else {}  # timed with the point, like EVA
         if init == "eva":  # A from the inputs each layer sees on this point's own training batches (timed too)
             from peft import initialize_lora_eva_weights
 
@@ -197,6 +206,7 @@ def run_point(base, tokenizer, settings, point: dict, train, evaluation, split: 
             "eval_loss_curve": evals,
             "final_loss": losses[-1][1] if losses else None,
             "final_eval_loss": evals[-1][1] if evals else None,
+            **loftq,
             **scores,
         }
 

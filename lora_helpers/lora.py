@@ -103,3 +103,49 @@ def standard_target_choices(model) -> dict[str, list[str]]:
         choices["attention q,k,v,o (Llama-3.1 guide)"] = attention
     choices["all linear (Llama-3.2 guide)"] = names
     return choices
+
+
+def loftq_initialise(peft_model, adapter_name: str = "default") -> dict:
+    """LoftQ on a 4-bit base (notebook 08): each adapter starts as the best rank-r fit of what 4-bit rounding took
+    from its layer, ``W - dequantize(NF4(W))``, so base + adapter starts closer to the full-precision model than
+    the 4-bit base alone. Returns the rounding error (Frobenius norm over the adapted layers) before and after.
+
+    The steps of peft's ``replace_lora_weights_loftq`` (the full-precision weights read from the model's own
+    safetensors files), with two differences: it runs on any device (peft's computes on CUDA only), and it fits
+    ``scaling * B @ A`` rather than ``B @ A``. peft's fit is exact only when ``lora_alpha == r``; with the course's
+    ``lora_alpha = 2 * r`` the layer doubles the fitted part, and since ``F``, the best rank-r fit of the error
+    ``E``, is orthogonal to ``E - F``, ``|E - 2F| = |E|``: the model starts exactly as far from full precision as
+    without LoftQ.
+    """
+    import os
+
+    import bitsandbytes as bnb
+    import torch
+    from peft.tuners.lora import Linear4bit
+    from peft.utils.loftq_utils import _SafetensorLoader
+
+    source = peft_model.get_base_model().config.name_or_path
+    weights = _SafetensorLoader(peft_model, source if os.path.isdir(source) else None)
+    before = after = 0.0
+    for name, module in peft_model.named_modules():
+        if not isinstance(module, Linear4bit) or adapter_name not in module.lora_A:
+            continue
+        with torch.no_grad():
+            device = module.lora_A[adapter_name].weight.device
+            full = weights.get_tensor(name.removeprefix("base_model.model.") + ".weight").to(device, torch.float32)
+            rounded = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+            lost = full - rounded
+            u, s, vh = torch.linalg.svd(lost / module.scaling[adapter_name], full_matrices=False)
+            r = module.r[adapter_name]
+            root = s[:r].sqrt()
+            lora_b, lora_a = u[:, :r] * root, root[:, None] * vh[:r]  # B @ A: the rank-r fit, split evenly
+            module.lora_A[adapter_name].weight.copy_(lora_a)
+            module.lora_B[adapter_name].weight.copy_(lora_b)
+            before += lost.norm().item() ** 2
+            after += (lost - module.scaling[adapter_name] * lora_b @ lora_a).norm().item() ** 2
+    if not before:
+        raise ValueError(
+            "LoftQ found no LoRA layer on a 4-bit (bitsandbytes Linear4bit) weight: it fits the adapter to the "
+            "4-bit rounding error, so load the base with load_in_4bit=True."
+        )
+    return {"rounding_error_before": before**0.5, "rounding_error_after": after**0.5}

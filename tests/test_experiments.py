@@ -5,7 +5,7 @@ import pytest
 import torch
 from peft import get_peft_model
 
-from lora_helpers import experiments, models, presets, training
+from lora_helpers import experiments, lora, models, presets, training
 
 ALL_POINTS = {point["name"]: point for grid in experiments.GRIDS.values() for point in grid}
 
@@ -129,3 +129,36 @@ def test_eva_initialises_from_the_training_batches_and_moves_ranks(base16, tiny_
     assert eva["trainable_parameters"] != plain["trainable_parameters"]  # measured on tiny: 66,688 against 65,536
     after = base16.state_dict()
     assert not hasattr(base16, "peft_config") and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_loftq_starts_the_adapter_from_the_4bit_rounding_error(tiny_model_4bit, tiny_dir):
+    """LoftQ (full grid): on a 4-bit base the adapter starts as the best rank-r fit of what NF4 rounding took from
+    each weight, so base + adapter starts closer to the full-precision layers; the point then trains as usual."""
+    settings = presets.resolve_settings("tiny", num_train_epochs=2, replay="")
+    net = build(tiny_model_4bit, ALL_POINTS["LoftQ"])
+    fitted = lora.loftq_initialise(net)
+    layer = first_lora_layer(net)
+    assert torch.count_nonzero(layer.lora_B["default"].weight) > 0  # B no longer starts at zero
+    # Measured on tiny (r=16, alpha=32): 4.99 -> 4.06 over the adapted layers.
+    assert fitted["rounding_error_after"] < 0.9 * fitted["rounding_error_before"]
+    full = models.load_model("tiny", load_in_4bit=False).model.layers[0].self_attn.v_proj.weight.float()
+    x = torch.randn(8, full.shape[1])
+    with torch.no_grad():
+        with net.disable_adapter():
+            off = (layer(x) - x @ full.T).norm()
+        on = (layer(x) - x @ full.T).norm()
+    assert on < off  # the layer's outputs moved toward the full-precision layer's
+    net.unload()
+
+    tokenizer = models.load_tokenizer("tiny", chat_format=settings.chat_format)
+    prepared = training.prepare_datasets(settings, tokenizer)
+    rest = (prepared.train, None, {"train": prepared.split["train"][:4]}, [0])
+    result = experiments.run_point(tiny_model_4bit, tokenizer, settings, ALL_POINTS["LoftQ"], *rest)
+    assert "skipped" not in result and result["loss_curve"][-1][1] < result["loss_curve"][0][1]
+    assert result["rounding_error_after"] < result["rounding_error_before"]
+    assert not hasattr(tiny_model_4bit, "peft_config")
+
+
+def test_loftq_is_skipped_on_a_16bit_base(base16):
+    result = experiments.run_point(base16, None, presets.get_preset("tiny"), ALL_POINTS["LoftQ"], None, None, {}, [])
+    assert result["skipped"].startswith("skipped: LoftQ")
