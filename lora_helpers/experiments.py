@@ -160,7 +160,6 @@ def run_point(base, tokenizer, settings, point: dict, train, evaluation, split: 
         return {"name": point["name"], "settings": _changes(point), "skipped": LOFTQ_16BIT}
     config = point_lora_config(settings, point, base)
     with training.fresh_adapters(base, config, run_settings.seed, restore_base=rewrites_base) as net:
-        training.adapter_weights_to_float32(net)
         args = training.sft_config(
             run_settings, tempfile.mkdtemp(prefix="lora-experiment-"), evaluation is not None, save_strategy="no"
         )
@@ -176,6 +175,7 @@ def run_point(base, tokenizer, settings, point: dict, train, evaluation, split: 
                 callbacks=[training.StopOnNonFinite()],
             )
         training.use_progress_lines(trainer, training.progress_lines(lines=2))
+        training.adapter_weights_to_float32(net)  # after the trainer: trl casts a 4-bit base's adapters to bf16
         started = time.perf_counter()
         loftq = lora.loftq_initialise(net) if point.get("loftq") else {}  # timed with the point, like EVA
         if init == "eva":  # A from the inputs each layer sees on this point's own training batches (timed too)
@@ -183,6 +183,7 @@ def run_point(base, tokenizer, settings, point: dict, train, evaluation, split: 
 
             initialize_lora_eva_weights(net, trainer.get_train_dataloader(), show_progress_bar=False)
             training.adapter_weights_to_float32(net)
+        trained_in = str(next(p.dtype for p in net.parameters() if p.requires_grad)).removeprefix("torch.")
         try:
             trainer.train()
         except FloatingPointError as error:
@@ -200,6 +201,7 @@ def run_point(base, tokenizer, settings, point: dict, train, evaluation, split: 
             "lora_alpha": built.lora_alpha,
             "target_modules": sorted(built.target_modules),
             "trainable_parameters": trainable_parameters(net),
+            "adapter_dtype": trained_in,
             "seconds": seconds,
             "steps": trainer.state.global_step,
             "loss_curve": losses,
