@@ -49,9 +49,10 @@ def test_it_learned_the_persona_and_kept_what_it_knew(run):
     assert result["fine_tuned_stops"] >= 0.9  # it ends its answers with <|im_end|>
     known = result["general_knowledge"]
     assert known["base"]["correct"] >= 80  # a real model: it knows things before training (measured: 102 of 178)
-    # Measured on 2 cores with the preset (r=8, dropout 0.1): 87 of the base's 102 right answers kept (0.85), and
-    # 113 of 178 right in all (the base: 102). The issue asked for 0.9; the README says where the recipe stands.
-    assert known["fine-tuned"]["retention"] >= 0.8 and known["merged"]["retention"] >= 0.8  # measured 0.85
+    # Measured on 2 cores with the preset through training.train_adapter (211 replay prompts, seeds 0, 1, 2):
+    # retention 0.88, 0.88, 0.90 of the base's 102 right answers; 85 prompts kept 0.82-0.86. The issue asked for
+    # 0.9; the README says where the recipe stands.
+    assert known["fine-tuned"]["retention"] >= 0.85 and known["merged"]["retention"] >= 0.85
     assert known["fine-tuned"]["correct"] >= known["base"]["correct"] - 2
     forgetting = known["fine-tuned"]["text_loss"] - known["base"]["text_loss"]
     assert 0 < forgetting < 1.2, forgetting  # measured 0.55: replay keeps answers, not the loss on prose
