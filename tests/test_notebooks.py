@@ -65,6 +65,9 @@ def test_one_parameters_cell_of_literals(path):
         assert isinstance(node.value, ast.Constant), f"{path.name}: parameters must be literals"
     for line in tagged[0].source.splitlines():
         assert "#" in line, f"{path.name}: every parameter needs a comment: {line}"
+    # papermill reads them with a regex, not Python: an "=" in a comment hides the parameter from `-p NAME=...`
+    names = [node.target.id for node in ast.parse(tagged[0].source).body]
+    assert list(papermill.inspect_notebook(str(path))) == names, f"{path.name}: papermill cannot read every parameter"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
