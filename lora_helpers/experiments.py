@@ -88,15 +88,13 @@ def point_settings(settings, point: dict):
 
 def grid_points(grid: str, settings) -> list[dict]:
     """The grid's points for this run: a point that would change nothing here (``r=8`` when the run already
-    trains at rank 8) is left out, since it would only repeat the preset."""
+    trains at rank 8) is left out, since it would only repeat the preset. A point that sets anything beyond the
+    Settings fields (a LoRA variant, a route, LoftQ: ``NOT_SETTINGS``) always changes the run."""
+    beyond_settings = set(NOT_SETTINGS) - {"name"}
     return [
         point
         for point in GRIDS[grid]
-        if point["name"] == "preset"
-        or point.get("lora")
-        or "route" in point
-        or "loftq" in point
-        or point_settings(settings, point) != settings
+        if point["name"] == "preset" or beyond_settings & set(point) or point_settings(settings, point) != settings
     ]
 
 

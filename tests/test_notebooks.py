@@ -60,13 +60,14 @@ def test_one_parameters_cell_of_literals(path):
     nb = nbformat.read(path, as_version=4)
     tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
     assert len(tagged) == 1
-    for node in ast.parse(tagged[0].source).body:
+    parameters = ast.parse(tagged[0].source).body
+    for node in parameters:
         assert isinstance(node, ast.AnnAssign), f"{path.name}: parameters need a type hint each"
         assert isinstance(node.value, ast.Constant), f"{path.name}: parameters must be literals"
     for line in tagged[0].source.splitlines():
         assert "#" in line, f"{path.name}: every parameter needs a comment: {line}"
     # papermill reads them with a regex, not Python: an "=" in a comment hides the parameter from `-p NAME=...`
-    names = [node.target.id for node in ast.parse(tagged[0].source).body]
+    names = [node.target.id for node in parameters]
     assert list(papermill.inspect_notebook(str(path))) == names, f"{path.name}: papermill cannot read every parameter"
 
 
