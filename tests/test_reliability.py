@@ -352,6 +352,41 @@ def test_ctrl_c_during_training_leaves_a_summary_and_resuming_matches_an_uninter
     assert max((resumed[k] - straight[k]).abs().max().item() for k in straight) <= 1e-6
 
 
+CTRL_C_BETWEEN_CELLS = """
+import sys
+from lora_helpers import course
+try:
+    course.execute_notebook(sys.argv[1], sys.argv[2], kernel_name="python3", progress_bar=False, log_output=False)
+except KeyboardInterrupt:
+    sys.exit(130)
+"""
+
+
+def test_ctrl_c_while_the_kernel_is_between_cells_still_stops_the_run(tmp_path):
+    """The kernel ignores SIGINT between cells (the runner's own Ctrl-C never reaches it: it has its own session).
+    Here the first cell sends the Ctrl-C to the runner as it ends, so it arrives while the kernel is between cells:
+    the runner must stop the second cell and say it was interrupted."""
+    marker = tmp_path / "second_cell_finished"
+    notebook = nbformat.v4.new_notebook(
+        cells=[
+            nbformat.v4.new_code_cell("import os, signal\nos.kill(os.getppid(), signal.SIGINT)"),
+            nbformat.v4.new_code_cell(f"import time\ntime.sleep(30)\nopen({str(marker)!r}, 'w').close()"),
+        ],
+        metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
+    )
+    source = tmp_path / "two_cells.ipynb"
+    nbformat.write(notebook, source)
+    start = time.time()
+    done = subprocess.run(
+        [sys.executable, "-c", CTRL_C_BETWEEN_CELLS, str(source), str(tmp_path / "out.ipynb")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 130, done.stderr
+    assert not marker.exists() and time.time() - start < 25
+
+
 def test_a_dead_kernel_is_reported_with_its_likely_cause_and_the_next_step(tmp_path):
     import psutil
 
