@@ -44,7 +44,7 @@ EXECUTED_PAGE_ENV = {
 }
 
 
-def kernel_manager_class(started: list | None = None):
+def kernel_manager_class():
     """Jupyter's kernel manager, talking to the kernel over local IPC sockets instead of TCP.
 
     Over TCP, ipykernel warns before every notebook that the connection is not encrypted; the runner's kernels
@@ -66,10 +66,7 @@ def kernel_manager_class(started: list | None = None):
             if log:
                 kw.setdefault("stdout", open(log, "ab"))  # noqa: SIM115 (the kernel process keeps it open)
                 kw.setdefault("stderr", subprocess.STDOUT)
-            result = await super().start_kernel(**kw)
-            if started is not None:  # the kernel's process, for execute_notebook to interrupt
-                started.append(getattr(self.provisioner, "process", None))
-            return result
+            return await super().start_kernel(**kw)
 
         @default("transport")
         def _default_transport(self):
@@ -80,78 +77,6 @@ def kernel_manager_class(started: list | None = None):
             return str(Path(tempfile.gettempdir()) / f"lora-course-kernel-{uuid.uuid4().hex[:12]}")
 
     return IPCKernelManager
-
-
-# After a Ctrl-C, how long a kernel may take to stop the cell it runs before the runner stops the kernel itself.
-KERNEL_INTERRUPT_GRACE_S = 10
-
-
-def execute_notebook(*args, **kwargs) -> None:
-    """``papermill.execute_notebook``, in a worker thread so that a Ctrl-C always stops the run as interrupted.
-
-    The kernel runs in its own session, so a Ctrl-C in the terminal reaches only this process. Run in this thread,
-    papermill took it as a KeyboardInterrupt wherever the thread happened to be, and Python only prints one raised
-    inside a finalizer ("Exception ignored in ...") and goes on: one CI run ended "ok" after its Ctrl-C. Here this
-    thread only waits, so it always gets the Ctrl-C. It then interrupts the kernel as Jupyter's stop button does
-    (SIGINT to its process group: the running cell raises KeyboardInterrupt), starts no further cell, and stops the
-    kernel itself if it has not ended within ``KERNEL_INTERRUPT_GRACE_S`` (or at a second Ctrl-C): a kernel
-    interrupted between two cells can lose the next cell's request and never answer. The run is reported as
-    interrupted whatever papermill then returns.
-    """
-    import signal
-    import threading
-
-    import papermill
-
-    state = {"interrupted_at": None, "error": None, "kernels": []}
-
-    def before_cell(**_):
-        if state["interrupted_at"] is not None:  # an ordinary exception: nbclient shuts the kernel down on its way out
-            raise RuntimeError("interrupted before this cell")
-
-    def work():
-        try:
-            papermill.execute_notebook(
-                *args,
-                kernel_manager_class=kernel_manager_class(state["kernels"]),
-                on_cell_execute=before_cell,
-                **kwargs,
-            )
-        except BaseException as error:  # handed to the waiting thread
-            state["error"] = error
-        finally:
-            done.set()
-
-    done = threading.Event()  # waited on, not Thread.join: a Ctrl-C inside join can mark a running thread as ended
-    threading.Thread(target=work, name="papermill", daemon=True).start()
-    while not done.is_set():
-        try:
-            done.wait(timeout=1.0)
-        except KeyboardInterrupt:
-            if state["interrupted_at"] is None:
-                state["interrupted_at"] = time.monotonic()
-                signal_kernels(state["kernels"], signal.SIGINT)
-                continue
-            state["interrupted_at"] = -float("inf")  # a second Ctrl-C: stop the kernel now
-        if (
-            state["interrupted_at"] is not None
-            and time.monotonic() - state["interrupted_at"] > KERNEL_INTERRUPT_GRACE_S
-        ):
-            signal_kernels(state["kernels"], signal.SIGKILL)
-    error = state["error"]
-    if state["interrupted_at"] is not None and getattr(error, "ename", "") != "KeyboardInterrupt":
-        raise KeyboardInterrupt from error  # the cell that was running, when the kernel said so, is named instead
-    if error:
-        raise error
-
-
-def signal_kernels(kernels: list, signum: int) -> None:
-    """``signum`` to each live kernel's process group, as Jupyter's interrupt (SIGINT) and kill (SIGKILL) do."""
-    for kernel in kernels:
-        try:
-            os.killpg(os.getpgid(kernel.pid), signum)
-        except (ProcessLookupError, PermissionError, AttributeError):
-            pass  # it has ended (or was never started)
 
 
 class NotebookFailed(RuntimeError):
@@ -386,6 +311,8 @@ def run_course(
 
 
 def _run_notebooks(preset, run_dir, notebooks, declared, params, overwrite, rehearse_t4, echo) -> dict:
+    import papermill
+
     out_dir = run_dir / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = {"preset": preset, "run_dir": str(run_dir), "parameters": params, "status": "running", "notebooks": []}
@@ -410,7 +337,7 @@ def _run_notebooks(preset, run_dir, notebooks, declared, params, overwrite, rehe
         kernel_log.unlink(missing_ok=True)
         os.environ[KERNEL_LOG_ENV] = str(kernel_log)
         try:
-            execute_notebook(
+            papermill.execute_notebook(
                 str(notebook),
                 str(out_dir / notebook.name),
                 parameters=given,
@@ -419,6 +346,7 @@ def _run_notebooks(preset, run_dir, notebooks, declared, params, overwrite, rehe
                 execution_timeout=TINY_CELL_TIMEOUT_S if preset == "tiny" else None,
                 progress_bar=False,
                 log_output=False,
+                kernel_manager_class=kernel_manager_class(),
             )
         except (Exception, KeyboardInterrupt) as error:  # a cell that raised or hung, a dead kernel, Ctrl-C
             seconds = round(time.time() - start, 1)

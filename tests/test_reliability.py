@@ -48,6 +48,12 @@ def copy_of(finished: Path, tmp_path: Path) -> Path:
     return run_dir
 
 
+def as_in_a_terminal():
+    """Ctrl-C handled as in a terminal's foreground: a shell starts a background job (``cmd &``, so also a CI run
+    launched that way) with SIGINT ignored, its children inherit that, and Python then never raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def runner(*args, run_dir: Path) -> subprocess.Popen:
     """The course runner in its own process group, as a learner starts it from a terminal."""
     return subprocess.Popen(
@@ -56,6 +62,7 @@ def runner(*args, run_dir: Path) -> subprocess.Popen:
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        preexec_fn=as_in_a_terminal,
     )
 
 
@@ -354,18 +361,20 @@ def test_ctrl_c_during_training_leaves_a_summary_and_resuming_matches_an_uninter
 
 CTRL_C_BETWEEN_CELLS = """
 import sys
+import papermill
 from lora_helpers import course
-try:
-    course.execute_notebook(sys.argv[1], sys.argv[2], kernel_name="python3", progress_bar=False, log_output=False)
+try:  # as course.run_course executes each notebook
+    papermill.execute_notebook(sys.argv[1], sys.argv[2], kernel_name="python3", progress_bar=False, log_output=False,
+                               kernel_manager_class=course.kernel_manager_class())
 except KeyboardInterrupt:
     sys.exit(130)
 """
 
 
 def test_ctrl_c_while_the_kernel_is_between_cells_still_stops_the_run(tmp_path):
-    """The kernel ignores SIGINT between cells (the runner's own Ctrl-C never reaches it: it has its own session).
-    Here the first cell sends the Ctrl-C to the runner as it ends, so it arrives while the kernel is between cells:
-    the runner must stop the second cell and say it was interrupted."""
+    """The kernel ignores SIGINT between cells, and the runner's Ctrl-C never reaches it (it has its own session):
+    the runner must pass it on. Here the first cell sends the Ctrl-C to the runner as it ends, so it arrives while
+    the kernel is between cells: the second cell must not finish, and the run must say it was interrupted."""
     marker = tmp_path / "second_cell_finished"
     notebook = nbformat.v4.new_notebook(
         cells=[
@@ -382,6 +391,7 @@ def test_ctrl_c_while_the_kernel_is_between_cells_still_stops_the_run(tmp_path):
         capture_output=True,
         text=True,
         timeout=120,
+        preexec_fn=as_in_a_terminal,
     )
     assert done.returncode == 130, done.stderr
     assert not marker.exists() and time.time() - start < 25
