@@ -373,8 +373,9 @@ except KeyboardInterrupt:
 
 def test_ctrl_c_while_the_kernel_is_between_cells_still_stops_the_run(tmp_path):
     """The kernel ignores SIGINT between cells, and the runner's Ctrl-C never reaches it (it has its own session):
-    the runner must pass it on. Here the first cell sends the Ctrl-C to the runner as it ends, so it arrives while
-    the kernel is between cells: the second cell must not finish, and the run must say it was interrupted."""
+    papermill, called as run_course calls it, must pass it on. Here the first cell sends the Ctrl-C to that process as
+    it ends, so it arrives while the kernel is between cells: the second cell must not finish, and the process must
+    end with KeyboardInterrupt (the runner reports that as interrupted)."""
     marker = tmp_path / "second_cell_finished"
     notebook = nbformat.v4.new_notebook(
         cells=[
