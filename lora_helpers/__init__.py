@@ -6,7 +6,7 @@ tests/test_package.py), so any module can be read knowing only what is beneath i
 
     floor 0: chat, device, files, lora, plots, process, shipped_configs
     floor 1: data, evaluate, hub, presets, runtimes, smollm2, widgets
-    floor 2: gguf_export, retention, tiny
+    floor 2: distill, gguf_export, retention, tiny
     floor 3: harness, models
     floor 4: adapters, merge, plan, serving, training
     floor 5: bench, course, experiments, launch, sharding

@@ -142,12 +142,19 @@ def measure(model, tokenizer, settings, split: dict, known: list[int] | None = N
     return scores
 
 
-def run_point(base, tokenizer, settings, point: dict, train, evaluation, split: dict, known: list[int]) -> dict:
+def run_point(
+    base, tokenizer, settings, point: dict, train, evaluation, split: dict, known: list[int], distilled=()
+) -> dict:
     """Fresh adapters on ``base`` with the point's settings, trained, measured and taken off again.
 
+    ``distilled``: replayed examples for ``replay_loss="distill"`` (notebook 04): the point trains with
+    ``distill.ReplayDistillationTrainer``; the Trainer route has no such term and trains on them as answers.
     A point whose training stops on a non-finite loss (``StopOnNonFinite``: a learning rate too high, say) is
     kept as skipped, with the reason, and the grid goes on."""
+    from datasets import Dataset, concatenate_datasets
     from trl import SFTTrainer
+
+    from lora_helpers import distill
 
     run_settings = point_settings(settings, point)
     init = point.get("lora", {}).get("init_lora_weights")
@@ -162,15 +169,21 @@ def run_point(base, tokenizer, settings, point: dict, train, evaluation, split: 
             run_settings, tempfile.mkdtemp(prefix="lora-experiment-"), evaluation is not None, save_strategy="no"
         )
         if point.get("route") == "trainer":
-            trainer = lm_collator_trainer(net, tokenizer, args, train, evaluation, point.get("pad_is_eos", False))
+            answers = concatenate_datasets([train, Dataset.from_list(list(distilled))]) if distilled else train
+            trainer = lm_collator_trainer(net, tokenizer, args, answers, evaluation, point.get("pad_is_eos", False))
         else:
-            trainer = SFTTrainer(
+            trainer_class, replay_args = SFTTrainer, {}
+            if distilled:
+                trainer_class = distill.ReplayDistillationTrainer
+                replay_args = {"replay_examples": distilled, "replay_weight": run_settings.replay_weight}
+            trainer = trainer_class(
                 model=net,
                 args=args,
                 train_dataset=train,
                 eval_dataset=evaluation,
                 processing_class=tokenizer,
                 callbacks=[training.StopOnNonFinite()],
+                **replay_args,
             )
         training.use_progress_lines(trainer, training.progress_lines(lines=2))
         training.adapter_weights_to_float32(net)  # after the trainer: trl casts a 4-bit base's adapters to bf16
@@ -190,6 +203,7 @@ def run_point(base, tokenizer, settings, point: dict, train, evaluation, split: 
         history = trainer.state.log_history
         losses = [(e["step"], e["loss"]) for e in history if "loss" in e]
         evals = [(e["step"], e["eval_loss"]) for e in history if "eval_loss" in e]
+        replay_kl = [e["replay_kl"] for e in history if "replay_kl" in e]  # logged when the point distils
         scores = measure(net, tokenizer, run_settings, split, known)
         built = net.peft_config["default"]  # as peft built it ("all-linear" resolved to the layers' names)
         return {
@@ -206,6 +220,7 @@ def run_point(base, tokenizer, settings, point: dict, train, evaluation, split: 
             "eval_loss_curve": evals,
             "final_loss": losses[-1][1] if losses else None,
             "final_eval_loss": evals[-1][1] if evals else None,
+            "final_replay_kl": replay_kl[-1] if replay_kl else None,
             **loftq,
             **scores,
         }

@@ -13,7 +13,8 @@ against the base model on the same questions and text:
 The cure the course uses needs no outside data: **replay**. The base model answers a set of general prompts
 (``general_prompts.jsonl``, none of them in the evaluation set, each with an accepted-answer pattern) before
 training, and its answers that are right and end in time are trained alongside the new data, so the adapter is
-also graded on leaving ordinary answers as they were. Only right ones: replaying a wrong answer ("A bicycle has 5
+also graded on leaving ordinary answers as they were (as targets, ``replay_loss="answers"``, or held to the base's
+whole distribution on them, ``"distill"``: ``lora_helpers.distill``). Only right ones: replaying a wrong answer ("A bicycle has 5
 wheels.") teaches the model its own mistakes, and they spread to nearby questions (measured on SmolLM2).
 """
 

@@ -559,21 +559,37 @@ def train_adapter(
     prepared = prepare_datasets(settings, tokenizer)
     train, evaluation = prepared.train, prepared.eval
     replayed = retention.replay_examples(model, tokenizer, settings)  # the base's own answers (notebook 04)
+    distilling = bool(replayed) and settings.replay_loss == "distill"  # a KL term per step, not mixed-in targets
+    if distilling and sharded:
+        raise ValueError(
+            "replay_loss='distill' is not run under FSDP here (its base forward pass needs the whole adapter "
+            "switched off on every shard): use DDP (notebook 07's default) or replay_loss='answers'."
+        )
     trained_on = (
-        concatenate_datasets([train, Dataset.from_list(replayed)]).shuffle(seed=settings.seed) if replayed else train
+        concatenate_datasets([train, Dataset.from_list(replayed)]).shuffle(seed=settings.seed)
+        if replayed and not distilling
+        else train
     )
     early_stopping = bool(settings.early_stopping_patience and evaluation is not None)
     args = sft_config(settings, checkpoint_dir, evaluation is not None, **(extra_args or {}))
     callbacks = [StopOnNonFinite(), *callbacks]
     if early_stopping:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=settings.early_stopping_patience))
-    trainer = SFTTrainer(
+    if distilling:
+        from lora_helpers import distill
+
+        trainer_class = distill.ReplayDistillationTrainer
+        replay_args = {"replay_examples": replayed, "replay_weight": settings.replay_weight}
+    else:
+        trainer_class, replay_args = SFTTrainer, {}
+    trainer = trainer_class(
         model=model,
         args=args,
         train_dataset=trained_on,
         eval_dataset=evaluation,
         processing_class=tokenizer,
         callbacks=callbacks,
+        **replay_args,
     )
     trainer.prepared = prepared  # the data before the trainer's tokenization, without replay: split.json, lengths
     if progress is None and process.on_executed_page():
