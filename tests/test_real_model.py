@@ -49,13 +49,16 @@ def test_it_learned_the_persona_and_kept_what_it_knew(run):
     assert result["fine_tuned_stops"] >= 0.9  # it ends its answers with <|im_end|>
     known = result["general_knowledge"]
     assert known["base"]["correct"] >= 80  # a real model: it knows things before training (measured: 102 of 178)
-    # Measured on 2 cores with the preset (211 replay prompts): through training.train_adapter, seeds 0, 1, 2,
-    # retention 0.88, 0.88, 0.90 of the base's 102 right answers (85 prompts: 0.82-0.86); through the notebooks
-    # (CI, seed 0) 0.84. Runs move by a few points; the issue asked for 0.9; the README says where the recipe stands.
-    assert known["fine-tuned"]["retention"] >= 0.8 and known["merged"]["retention"] >= 0.8
-    assert known["fine-tuned"]["correct"] >= known["base"]["correct"] - 2
+    # Measured on 2 cores with the preset (the replayed answers distilled, weight 5, 9 epochs) through
+    # training.train_adapter, seeds 0, 1, 2: retention 0.91, 0.95, 0.94 of the base's 102 right answers (trained
+    # as targets instead: 0.88, 0.88, 0.90, and 0.84 through the notebooks). Runs move by a few points between
+    # seeds and between the notebooks' path and train_adapter's; the README says where the recipe stands.
+    assert known["fine-tuned"]["retention"] >= 0.85 and known["merged"]["retention"] >= 0.85
+    assert known["fine-tuned"]["correct"] >= 0.9 * known["base"]["correct"]  # what it gained offsets some losses
     forgetting = known["fine-tuned"]["text_loss"] - known["base"]["text_loss"]
-    assert 0 < forgetting < 1.2, forgetting  # measured 0.69: replay keeps answers, not the loss on prose
+    # distilled, the replay keeps the base's distribution, not only its answers: measured +0.01 (seeds 0, 1, 2:
+    # +0.010, +0.016, +0.011); replayed as targets the loss on prose rose by 0.5-0.7
+    assert abs(forgetting) < 0.15, forgetting
 
 
 def test_the_merge_changed_nothing(run):
