@@ -20,8 +20,8 @@ pytestmark = pytest.mark.course
 
 # Options that change nothing on a CPU but must reach the notebooks, spread over the families' runs: the Unsloth
 # route must fall back to the standard one, and the T4 rehearsal must reach every notebook.
-# Notebook 08 (a grid of trainings) runs on `tiny` here and on the real model in test_real_model.py; the twins stop
-# at 07, as it adds nothing their tokenizers could break. The tiny run is conftest's, shared with test_reliability.py.
+# Notebook 08 (a grid of trainings) runs on `tiny` only (CI's time); the twins stop at 07, as it adds nothing their
+# tokenizers could break. The tiny run is conftest's, shared with test_reliability.py.
 SEVEN = ["01", "02", "03", "04", "05", "06", "07"]
 OPTIONS = {
     "tiny-llama2": {"params": {"use_unsloth": True}, "only": SEVEN},
@@ -55,7 +55,7 @@ def test_the_experiments_notebook_kept_every_point(run):
 
     run_dir, summary = run
     if summary["preset"] != "tiny":
-        pytest.skip("notebook 08 runs on tiny here (and on SmolLM2 in test_real_model.py)")
+        pytest.skip("notebook 08 runs on tiny only")
     result = json.loads((run_dir / "experiments.json").read_text())
     points = {p["name"]: p for p in result["points"]}
     assert list(points) == [p["name"] for p in experiments.GRIDS["ci"]] and result["base_knows"] == 0
