@@ -10,7 +10,10 @@ with its adapter switched off (``model.disable_adapter()``): no second model in 
 the adapter is still zero. This is "learning without forgetting" (Li and Hoiem, 2016) on the base's own answers.
 
 Each optimizer step then takes one batch of the persona data (cross-entropy, as ever) and one batch of replayed
-answers (the divergence, times ``replay_weight``), so the persona alone decides the number of steps.
+answers (the divergence, times ``replay_weight``), so the persona alone decides the number of steps. Two things
+keep that second batch cheap without changing what is computed: the base never changes, so its log-probabilities on
+each replayed answer are computed the first time the answer is drawn and kept; and only the answer positions go
+through the LM head (a boolean ``logits_to_keep``), not the prompts and padding around them.
 """
 
 from __future__ import annotations
@@ -22,20 +25,39 @@ from trl import SFTTrainer
 
 from lora_helpers import data
 
+BASE_CACHE_BYTES = 2 * 2**30  # the most the trainer keeps of the base's log-probabilities (CPU memory)
 
-def kl_to_base(model, input_ids, attention_mask, answer_mask, peft_model=None) -> torch.Tensor:
+
+def answer_log_probs(model, input_ids, attention_mask, answer_mask) -> torch.Tensor:
+    """The model's log-probabilities at the answer positions alone: a float32 ``(answer tokens, vocabulary)`` tensor,
+    rows in the mask's order (row by row). The LM head runs only where ``answer_mask`` is True (transformers'
+    ``logits_to_keep`` as a boolean mask): on a replay batch that is about a quarter of the positions, the rest
+    being prompts and padding, and the LM head of a small model is a fifth of its arithmetic."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=answer_mask).logits
+    if logits.dim() == 3:  # a model that ignores logits_to_keep returns every position
+        logits = logits[answer_mask]
+    return logits.float().log_softmax(-1)
+
+
+def base_log_probs(peft_model, input_ids, attention_mask, answer_mask) -> torch.Tensor:
+    """``answer_log_probs`` of the base: the same network inside ``disable_adapter()``, without gradients."""
+    with torch.no_grad(), peft_model.disable_adapter():
+        return answer_log_probs(peft_model, input_ids, attention_mask, answer_mask)
+
+
+def kl_to_base(model, input_ids, attention_mask, answer_mask, peft_model=None, base=None) -> torch.Tensor:
     """Mean KL(base || model), in nats per answer token, over the positions where ``answer_mask`` is True.
 
     ``model`` is a peft model (or DDP's wrapper of one, then ``peft_model`` is the model inside); the base is the
-    same model inside ``disable_adapter()``, without gradients. ``answer_mask[i, t]`` marks the positions whose
-    logits predict an answer token (the answer's tokens moved one to the left). The divergence is computed on the
-    whole vocabulary, in float32.
+    same model inside ``disable_adapter()``, without gradients, unless ``base`` already holds its
+    ``base_log_probs`` on this batch (the trainer computes them once per replayed answer: the base never changes).
+    ``answer_mask[i, t]`` marks the positions whose logits predict an answer token (the answer's tokens moved one
+    to the left). The divergence is computed on the whole vocabulary, in float32.
     """
     peft_model = peft_model if peft_model is not None else model
-    with torch.no_grad(), peft_model.disable_adapter():
-        base = peft_model(input_ids=input_ids, attention_mask=attention_mask).logits[answer_mask]
-        base = base.float().log_softmax(-1)
-    tuned = model(input_ids=input_ids, attention_mask=attention_mask).logits[answer_mask].float().log_softmax(-1)
+    if base is None:
+        base = base_log_probs(peft_model, input_ids, attention_mask, answer_mask)
+    tuned = answer_log_probs(model, input_ids, attention_mask, answer_mask)
     return (base.exp() * (base - tuned)).sum(-1).mean()
 
 
@@ -73,23 +95,48 @@ class ReplayDistillationTrainer(SFTTrainer):
         self.replay_weight = replay_weight
         self._replay_order: list[int] = []
         self._replay_random = random.Random(self.args.seed)
+        # The base's log-probabilities on each replayed answer, computed the first time it is drawn (each is drawn
+        # once per pass over the replay, about five times in the SmolLM2 preset's run), kept in float32 on the CPU:
+        # SmolLM2's 89 answers take 0.5 GB. Past BASE_CACHE_BYTES (a large vocabulary, long answers) the base runs
+        # on every batch instead.
+        vocabulary = self.accelerator.unwrap_model(self.model).get_output_embeddings().weight.shape[0]
+        answer_tokens = sum(len(answer) for _, answer in self.replay_rows)
+        self._base_cache: dict[int, torch.Tensor] | None = (
+            {} if answer_tokens * vocabulary * 4 <= BASE_CACHE_BYTES else None
+        )
 
-    def next_replay_batch(self) -> dict:
-        """The next ``per_device_train_batch_size`` replayed answers, as a batch on the model's device."""
+    def next_replay_indices(self) -> list[int]:
+        """The next ``per_device_train_batch_size`` replayed answers (indices into ``replay_rows``)."""
         size = min(self.args.per_device_train_batch_size, len(self.replay_rows))
         if len(self._replay_order) < size:  # a new pass over the replayed answers, in a new order
             order = list(range(len(self.replay_rows)))
             self._replay_random.shuffle(order)
             self._replay_order += order
         picked, self._replay_order = self._replay_order[:size], self._replay_order[size:]
+        return picked
+
+    def replay_batch_of(self, picked: list[int]) -> dict:
+        """The replayed answers ``picked``, as one batch on the model's device."""
         batch = replay_batch([self.replay_rows[i] for i in picked], self.processing_class.pad_token_id)
         return {name: tensor.to(self.model.device) for name, tensor in batch.items()}
+
+    def cached_base_log_probs(self, picked: list[int], peft_model) -> torch.Tensor:
+        """``base_log_probs`` on the replayed answers ``picked``, in order: the base runs once, on those not seen yet."""
+        missing = [i for i in dict.fromkeys(picked) if i not in self._base_cache]
+        if missing:
+            log_probs = base_log_probs(peft_model, **self.replay_batch_of(missing))
+            sizes = [len(self.replay_rows[i][1]) for i in missing]
+            self._base_cache.update(zip(missing, (part.cpu() for part in log_probs.split(sizes))))
+        return torch.cat([self._base_cache[i] for i in picked]).to(self.model.device)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         if not model.training:
             return result
-        kl = kl_to_base(model, **self.next_replay_batch(), peft_model=self.accelerator.unwrap_model(model))
+        peft_model = self.accelerator.unwrap_model(model)
+        picked = self.next_replay_indices()
+        base = self.cached_base_log_probs(picked, peft_model) if self._base_cache is not None else None
+        kl = kl_to_base(model, **self.replay_batch_of(picked), peft_model=peft_model, base=base)
         self._metrics["train"]["replay_kl"].append(float(kl.detach()))
         # As SFTTrainer does with an auxiliary loss: when the loss is already a share of the whole accumulated
         # batch (num_items_in_batch), the trainer no longer divides by the accumulation steps, so this term must.

@@ -36,12 +36,17 @@ def test_the_divergence_is_zero_for_fresh_adapters_and_trains_only_them(tiny_dir
     with torch.no_grad():
         fresh = float(distill.kl_to_base(model, **batch))
     assert fresh == pytest.approx(0, abs=1e-6)  # B = 0: the model is the base
+    logits = model(**{k: v for k, v in batch.items() if k != "answer_mask"}).logits
+    # only the answer positions go through the LM head, and they are those positions' log-probs
+    torch.testing.assert_close(
+        distill.answer_log_probs(model, **batch), logits[batch["answer_mask"]].float().log_softmax(-1)
+    )
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(std=0.05)
     kl = distill.kl_to_base(model, **batch)
-    assert float(kl) > 1e-4
+    assert float(kl.detach()) > 1e-4
     kl.backward()
     with_grad = {name for name, p in model.named_parameters() if p.grad is not None}
     assert with_grad and all("lora_" in name for name in with_grad)
@@ -62,6 +67,10 @@ def final_divergence(tiny_dir, tmp_path, monkeypatch, weight: float) -> tuple[fl
     batch = distill.replay_batch(trainer.replay_rows, trainer.processing_class.pad_token_id)
     with torch.no_grad():
         kl = float(distill.kl_to_base(trainer.model, **batch))
+    # the base ran once per replayed answer, and what the trainer kept is the base's log-probs on each of them
+    cached = trainer.cached_base_log_probs(list(range(len(trainer.replay_rows))), trainer.model)
+    assert sorted(trainer._base_cache) == list(range(len(trainer.replay_rows)))
+    torch.testing.assert_close(cached, distill.base_log_probs(trainer.model, **batch), atol=1e-5, rtol=1e-5)
     logged = [row["replay_kl"] for row in trainer.state.log_history if "replay_kl" in row]
     return kl, logged
 
