@@ -135,7 +135,12 @@ def measure(model, tokenizer, settings, split: dict, known: list[int] | None = N
     items = retention.general_knowledge()
     asked = [items[i] for i in (known if known is not None else range(len(items)))]
     said = evaluate.generate_answers(
-        model, tokenizer, [item["question"] for item in asked], settings.system_prompt, 32, retention.GENERAL_BATCH
+        model,
+        tokenizer,
+        [item["question"] for item in asked],
+        settings.system_prompt,
+        32,
+        retention.general_batch(model),
     )
     scores["general_correct"] = retention.correct(said, asked)
     scores["text_loss"] = retention.text_loss(model, tokenizer)

@@ -2,6 +2,7 @@ import re
 import types
 
 import pytest
+import torch
 
 from lora_helpers import evaluate, presets, retention
 
@@ -54,7 +55,8 @@ def test_replay_keeps_only_right_finished_answers_and_is_cached(tiny_dir, tiny_t
         return [a for a, _ in answers], [f for _, f in answers]
 
     monkeypatch.setattr(evaluate, "generate_answers", fake_generate)
-    model = types.SimpleNamespace(config=types.SimpleNamespace(name_or_path=str(tiny_dir)))  # only its origin is read
+    # only its origin and its device are read
+    model = types.SimpleNamespace(config=types.SimpleNamespace(name_or_path=str(tiny_dir)), device=torch.device("cpu"))
     first = retention.replay_examples(model, tiny_tokenizer, settings)
     again = retention.replay_examples(model, tiny_tokenizer, settings)
     assert len(calls) == 1 and calls[0] == [row["question"] for row in rows]  # the second call read the cache
