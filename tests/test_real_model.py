@@ -19,7 +19,7 @@ pytestmark = pytest.mark.course
 def run(tmp_path_factory, fresh_cache):
     run_dir = tmp_path_factory.mktemp("course_run-smollm2")
     # CI's budget: the second adapter of notebook 06 (about 4 minutes here) is trained in the tiny runs instead, and
-    # the harness scores the first 40 questions of each task (all 178 took 203 s of the run's 27 minutes).
+    # the harness scores the first 40 questions of each task (all 178 took 203 s more).
     # Notebook 08's grid runs on tiny (test_course_run.py): on SmolLM2 its CI-sized grid took 9 minutes of a
     # 64-minute CI run (the README's grid table is that run's).
     summary = course.run_course(
