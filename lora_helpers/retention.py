@@ -106,8 +106,9 @@ def replay_examples(model, tokenizer, settings) -> list[dict]:
     ``model`` is the base, or a peft model, whose adapter is switched off while it answers (``disable_adapter()``:
     the base itself, and about a tenth faster than a fresh adapter, whose B matrices are zero). Answers are greedy,
     asked as training will ask (the run's system prompt), and kept only when they match the prompt's ``accept``
-    pattern (when it has one) and end within ``REPLAY_TOKENS``: a cut answer would teach the model not to stop. The answers are cached per model (the folder or Hub id it was
-    loaded from), 4-bit or not, system prompt and prompts, so later runs reuse them.
+    pattern (when it has one) and end within ``REPLAY_TOKENS``: a cut answer would teach the model not to stop. The
+    answers are cached per model (the folder or Hub id it was loaded from), 4-bit or not, system prompt and prompts,
+    so later runs reuse them.
     """
     if not settings.replay:
         return []

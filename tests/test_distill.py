@@ -67,9 +67,9 @@ def final_divergence(tiny_dir, tmp_path, monkeypatch, weight: float) -> tuple[fl
     batch = distill.replay_batch(trainer.replay_rows, trainer.processing_class.pad_token_id)
     with torch.no_grad():
         kl = float(distill.kl_to_base(trainer.model, **batch))
-    # the base ran once per replayed answer, and what the trainer kept is the base's log-probs on each of them
-    cached = trainer.cached_base_log_probs(list(range(len(trainer.replay_rows))), trainer.model)
+    # training ran the base once per replayed answer, and what it kept is the base's log-probs on each of them
     assert sorted(trainer._base_cache) == list(range(len(trainer.replay_rows)))
+    cached = trainer.cached_base_log_probs(list(range(len(trainer.replay_rows))), trainer.model)
     torch.testing.assert_close(cached, distill.base_log_probs(trainer.model, **batch), atol=1e-5, rtol=1e-5)
     logged = [row["replay_kl"] for row in trainer.state.log_history if "replay_kl" in row]
     return kl, logged
