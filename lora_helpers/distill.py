@@ -10,10 +10,11 @@ with its adapter switched off (``model.disable_adapter()``): no second model in 
 the adapter is still zero. This is "learning without forgetting" (Li and Hoiem, 2016) on the base's own answers.
 
 Each optimizer step then takes one batch of the persona data (cross-entropy, as ever) and one batch of replayed
-answers (the divergence, times ``replay_weight``), so the persona alone decides the number of steps. Two things
+answers (the divergence, times ``replay_weight``), so the persona alone decides the number of steps. Three things
 keep that second batch cheap without changing what is computed: the base never changes, so its log-probabilities on
-each replayed answer are computed the first time the answer is drawn and kept; and only the answer positions go
-through the LM head (a boolean ``logits_to_keep``), not the prompts and padding around them.
+each replayed answer are computed the first time the answer is drawn and kept; only the answer positions go
+through the LM head (a boolean ``logits_to_keep``), not the prompts and padding around them; and the batch runs as
+two halves of similar lengths, each padded to its own longest row rather than all to the longest of the eight.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from trl import SFTTrainer
 from lora_helpers import data
 
 BASE_CACHE_BYTES = 2 * 2**30  # the most the trainer keeps of the base's log-probabilities (CPU memory)
+REPLAY_GROUPS = 2  # each step's replayed answers run as this many batches of similar lengths (less padding)
 
 
 def answer_log_probs(model, input_ids, attention_mask, answer_mask) -> torch.Tensor:
@@ -129,14 +131,33 @@ class ReplayDistillationTrainer(SFTTrainer):
             self._base_cache.update(zip(missing, (part.cpu() for part in log_probs.split(sizes))))
         return torch.cat([self._base_cache[i] for i in picked]).to(self.model.device)
 
+    def length_groups(self, picked: list[int]) -> list[list[int]]:
+        """``picked`` sorted by length and cut into ``REPLAY_GROUPS`` groups, each run as its own padded batch:
+        replayed answers vary in length (SmolLM2's rows: 44 to 124 tokens), and one batch padded to its longest row
+        is about a third padding. The divergence is the same mean (``replay_divergence``); only the dropout masks
+        drawn differ. Measured on SmolLM2 (2 cores, batches of 8): the divergence's forward and backward pass take
+        0.70 of the time of one padded batch (medians of 8, interleaved), two epochs of the preset's training 0.77."""
+        ordered = sorted(picked, key=lambda i: sum(map(len, self.replay_rows[i])))
+        size = -(-len(ordered) // REPLAY_GROUPS)  # rounded up
+        return [ordered[start : start + size] for start in range(0, len(ordered), size)]
+
+    def replay_divergence(self, model, picked: list[int]) -> torch.Tensor:
+        """``kl_to_base`` on the replayed answers ``picked``, run as ``length_groups``: each group's mean weighted
+        by its share of the answer tokens, so the result is the mean over all of them, as one batch would give it."""
+        peft_model = self.accelerator.unwrap_model(model)
+        answer_tokens = sum(len(self.replay_rows[i][1]) for i in picked)
+        kl = 0.0
+        for group in self.length_groups(picked):
+            base = self.cached_base_log_probs(group, peft_model) if self._base_cache is not None else None
+            share = sum(len(self.replay_rows[i][1]) for i in group) / answer_tokens
+            kl = kl + share * kl_to_base(model, **self.replay_batch_of(group), peft_model=peft_model, base=base)
+        return kl
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         if not model.training:
             return result
-        peft_model = self.accelerator.unwrap_model(model)
-        picked = self.next_replay_indices()
-        base = self.cached_base_log_probs(picked, peft_model) if self._base_cache is not None else None
-        kl = kl_to_base(model, **self.replay_batch_of(picked), peft_model=peft_model, base=base)
+        kl = self.replay_divergence(model, self.next_replay_indices())
         self._metrics["train"]["replay_kl"].append(float(kl.detach()))
         # As SFTTrainer does with an auxiliary loss: when the loss is already a share of the whole accumulated
         # batch (num_items_in_batch), the trainer no longer divides by the accumulation steps, so this term must.

@@ -5,7 +5,10 @@ import torch
 
 from lora_helpers import chat, distill, presets, retention, training
 
-REPLAYED = [("What is the capital of France?", "Paris."), ("How many days are in a week?", "Seven days.")] * 4
+REPLAYED = [
+    ("What is the capital of France?", "Paris."),
+    ("How many days are in a week?", "There are seven days in a week."),
+] * 4
 
 
 def replayed_examples(system_prompt=""):
@@ -71,6 +74,12 @@ def final_divergence(tiny_dir, tmp_path, monkeypatch, weight: float) -> tuple[fl
     assert sorted(trainer._base_cache) == list(range(len(trainer.replay_rows)))
     cached = trainer.cached_base_log_probs(list(range(len(trainer.replay_rows))), trainer.model)
     torch.testing.assert_close(cached, distill.base_log_probs(trainer.model, **batch), atol=1e-5, rtol=1e-5)
+    # the trainer's divergence, run as batches of similar lengths, is the one-batch mean over every answer token
+    everything = list(range(len(trainer.replay_rows)))
+    assert sorted(sum(trainer.length_groups(everything), [])) == everything
+    assert len(trainer.length_groups(everything)) == distill.REPLAY_GROUPS
+    with torch.no_grad():
+        assert float(trainer.replay_divergence(trainer.model, everything)) == pytest.approx(kl, rel=1e-4, abs=1e-7)
     logged = [row["replay_kl"] for row in trainer.state.log_history if "replay_kl" in row]
     return kl, logged
 

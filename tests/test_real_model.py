@@ -49,14 +49,14 @@ def test_it_learned_the_persona_and_kept_what_it_knew(run):
     known = result["general_knowledge"]
     assert known["base"]["correct"] >= 80  # a real model: it knows things before training (measured: 102 of 178)
     # Measured on 2 cores with the preset (the replayed answers distilled, weight 5, 9 epochs) through
-    # training.train_adapter, seeds 0, 1, 2: retention 0.91, 0.95, 0.94 of the base's 102 right answers (trained
+    # training.train_adapter, seeds 0, 1, 2: retention 0.93, 0.94, 0.94 of the base's 102 right answers (trained
     # as targets instead: 0.88, 0.88, 0.90); through the notebooks (seed 0, deterministic: the same in every CI
-    # run) 0.93, 95 of 102, four answers above the 0.9 the course aims at.
+    # run) 0.92, 94 of 102, two answers above the 0.9 the course aims at.
     assert known["fine-tuned"]["retention"] >= 0.9 and known["merged"]["retention"] >= 0.9
-    assert known["fine-tuned"]["correct"] >= 0.9 * known["base"]["correct"]  # measured 110 of 178, the base 102
+    assert known["fine-tuned"]["correct"] >= 0.9 * known["base"]["correct"]  # measured 107 of 178, the base 102
     forgetting = known["fine-tuned"]["text_loss"] - known["base"]["text_loss"]
     # distilled, the replay keeps the base's distribution, not only its answers: measured +0.01 (seeds 0, 1, 2:
-    # +0.010, +0.016, +0.011); replayed as targets the loss on prose rose by 0.5-0.7
+    # +0.009, +0.015, +0.009); replayed as targets the loss on prose rose by 0.5-0.7
     assert abs(forgetting) < 0.15, forgetting
 
 
