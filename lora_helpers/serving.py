@@ -12,6 +12,7 @@ Files, in ``run_dir/serve/``: ``base-F16.gguf`` (the base model's original 16-bi
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from pathlib import Path
 
@@ -243,7 +244,8 @@ def create_app(gguf_files: dict[str, Path], host: str = "127.0.0.1", port: int =
     from llama_cpp.server.settings import ModelSettings, ServerSettings
 
     base = ModelSettings(model=str(gguf_files[BASE_NAME]), model_alias=BASE_NAME, n_ctx=n_ctx, verbose=False)
-    app = server.create_app(server_settings=ServerSettings(host=host, port=port), model_settings=[base])
+    with without_weight_repacking():  # as open_gguf loads: no crash, no warning per adapted tensor
+        app = server.create_app(server_settings=ServerSettings(host=host, port=port), model_settings=[base])
     adapters = {name: path for name, path in gguf_files.items() if name != BASE_NAME}
     server._llama_proxy = adapter_proxy(server._llama_proxy, adapters)  # what server.set_llama_proxy sets
     return app
@@ -259,21 +261,22 @@ def serve(run_dir, host: str = "127.0.0.1", port: int = DEFAULT_PORT, extra: dic
     settings = presets.load_run_settings(run_dir)  # names a missing or damaged run_config.json
     check_port_free(host, port)
     gguf_files = export_for_serving(run_dir, settings.model_id, extra)
-    app = create_app(gguf_files, host, port)
     names = ", ".join(gguf_files)
-    print(f"Serving {names} at http://{host}:{port}/v1 (OpenAI-compatible; model= one of those names). Ctrl-C stops.")
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    # flushed: through a pipe (notebook 06, the tests) print's output would wait in a buffer until the server stops
+    print(
+        f"Serving {names} at http://{host}:{port}/v1 (OpenAI-compatible; model= one of those names). Ctrl-C stops.",
+        flush=True,
+    )
+    uvicorn.run(create_app(gguf_files, host, port), host=host, port=port, log_level="warning")
 
 
-def open_gguf(path, n_ctx: int = 1024):
-    """llama.cpp (``llama_cpp.Llama``) on a GGUF file, logits kept for every position (notebook 06, tests), with
-    ``n_ctx`` tokens of context at most (never more than the model's own).
-
-    Weight repacking for the CPU's AMX / AVX512 kernels is turned off while it loads: llama-cpp-python 0.3.36's
-    repacked Q8_0 kernels crash (segmentation fault) on the tiny models' 128-wide rows on CPUs with AMX. The files
-    are fine; repacking only makes CPU inference faster.
-    """
-    import llama_cpp
+@contextlib.contextmanager
+def without_weight_repacking():
+    """llama.cpp models loaded inside this block keep their weights as the file has them: repacking for the CPU's
+    AMX / AVX512 kernels is turned off. llama-cpp-python 0.3.36's repacked Q8_0 kernels crash (segmentation fault)
+    on the tiny models' 128-wide rows on CPUs with AMX, and a LoRA adapter over repacked weights makes llama.cpp
+    print a warning per adapted tensor ("cannot use buft 'AMX', fallback to CPU"; llama-cpp-python shows llama.cpp's
+    warnings even with ``verbose=False``). The files are fine; repacking only makes CPU inference faster."""
     import llama_cpp.llama as binding
 
     default = binding.llama_cpp.llama_model_default_params
@@ -285,9 +288,18 @@ def open_gguf(path, n_ctx: int = 1024):
 
     binding.llama_cpp.llama_model_default_params = without_repacking
     try:
-        return llama_cpp.Llama(str(path), logits_all=True, n_ctx=min(n_ctx, context_length(path)), verbose=False)
+        yield
     finally:
         binding.llama_cpp.llama_model_default_params = default
+
+
+def open_gguf(path, n_ctx: int = 1024):
+    """llama.cpp (``llama_cpp.Llama``) on a GGUF file, logits kept for every position (notebook 06, tests), with
+    ``n_ctx`` tokens of context at most (never more than the model's own), loaded ``without_weight_repacking``."""
+    import llama_cpp
+
+    with without_weight_repacking():
+        return llama_cpp.Llama(str(path), logits_all=True, n_ctx=min(n_ctx, context_length(path)), verbose=False)
 
 
 def llama_cpp_answers(path, prompts: list[list[int]], max_new_tokens: int, lora_path=None) -> tuple[list[str], list]:
